@@ -1,0 +1,149 @@
+"""Checkpoints: a folder holding ``weights.pt`` (a state dict) and ``manifest.json`` (its metadata).
+
+The manifest says everything the service needs to use the model (architecture, dataset, class
+names, input shape, σ, normalization) and how it was made (training recipe, metrics, source),
+with the sha256 of the weights file so that a swapped or damaged file is caught at load time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+from torch import nn
+
+from models.architectures import ARCHITECTURES, build_model
+
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.pt"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+class Normalization(BaseModel):
+    mean: list[float]
+    std: list[float]
+
+
+class Manifest(BaseModel):
+    """Metadata stored beside the weights (cf. timm's pretrained configs)."""
+
+    id: str
+    architecture: str
+    dataset: str
+    classes: list[str]
+    input_shape: tuple[int, int, int] = Field(description="(C, H, W) of inputs in [0, 1] pixel space")
+    sigma: float = Field(gt=0, description="σ of the Gaussian noise the model was trained with")
+    normalization: Normalization
+    weights: str = WEIGHTS_FILE
+    sha256: str
+    training: dict[str, Any] = Field(default_factory=dict, description="recipe, command and metrics")
+    source: dict[str, Any] = Field(default_factory=dict, description="where the weights came from")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(model: nn.Module, directory: Path, **manifest_fields: Any) -> Manifest:
+    """Write ``model.state_dict()`` and its manifest into ``directory``; return the manifest.
+
+    ``model`` is the full ``Sequential(NormalizeLayer, net)``; ``manifest_fields`` are every
+    Manifest field but ``sha256`` and ``weights``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / WEIGHTS_FILE
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, weights)
+    manifest = Manifest(sha256=sha256_of(weights), weights=WEIGHTS_FILE, **manifest_fields)
+    (directory / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Parse and validate ``directory/manifest.json``; CheckpointError if missing or invalid."""
+    path = directory / MANIFEST_FILE
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: manifest not found") from None
+    except ValidationError as e:
+        raise CheckpointError(f"{path}: invalid manifest: {e}") from None
+
+
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``, with torch's errors turned into a CheckpointError."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {first_line}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Load ``state`` into ``model`` strictly; a mismatch names the missing/unexpected/misshapen keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshapen = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+        for k in own
+        if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape)
+    ]
+    problems = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshapen)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" … ({len(keys)} in all)" if len(keys) > 5 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{path}: weights do not match the architecture: " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def build_from_manifest(manifest: Manifest) -> nn.Sequential:
+    """The untrained ``Sequential(NormalizeLayer, net)`` that a manifest describes."""
+    if manifest.architecture not in ARCHITECTURES:
+        raise CheckpointError(f"manifest {manifest.id!r}: unknown architecture {manifest.architecture!r}")
+    return build_model(
+        manifest.architecture, manifest.num_classes, manifest.normalization.mean, manifest.normalization.std
+    )
+
+
+def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> tuple[nn.Sequential, Manifest]:
+    """Load the model in ``directory`` in eval mode on ``device``, checking the weights' sha256.
+
+    Raises CheckpointError (naming the file) for a missing, corrupt, truncated, tampered or
+    mismatched checkpoint.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    weights = directory / manifest.weights
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: weights file not found")
+    actual = sha256_of(weights)
+    if actual != manifest.sha256:
+        raise CheckpointError(f"{weights}: sha256 {actual[:12]}… does not match the manifest's {manifest.sha256[:12]}…")
+    model = build_from_manifest(manifest)
+    load_weights(model, read_state_dict(weights), weights)
+    return model.to(device).eval(), manifest
+

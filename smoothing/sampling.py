@@ -1,0 +1,123 @@
+"""Monte Carlo sampling of the base classifier under Gaussian noise.
+
+Noise is drawn in fixed blocks of ``NOISE_BLOCK`` samples; block j of stream ``stage`` for a
+request seeded with ``seed`` always comes from a generator seeded by (seed, stage, j). The
+samples a request receives are therefore the same whatever batch sizes were used and whoever
+else shared the forward pass: the library and the service agree sample for sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+NOISE_BLOCK = 32
+"""Samples per independently seeded noise block."""
+
+SELECTION_STAGE = 0
+"""Stream id of CERTIFY's n0 selection samples."""
+ESTIMATION_STAGE = 1
+"""Stream id of CERTIFY's (and PREDICT's) estimation samples; independent of the selection stream."""
+
+
+def new_seed() -> int:
+    """A fresh random 63-bit seed, for requests that did not give one."""
+    return secrets.randbits(63)
+
+
+def block_seed(seed: int, stage: int, block: int) -> int:
+    """63-bit seed of noise block ``block`` of stream ``stage`` for a request seeded with ``seed``."""
+    digest = hashlib.blake2b(f"{seed}:{stage}:{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def stream_noise(
+    shape: tuple[int, ...], seed: int, stage: int, start: int, stop: int, device: torch.device
+) -> torch.Tensor:
+    """Standard normal noise for samples [start, stop) of a stream: tensor (stop - start, *shape) on ``device``."""
+    first, last = start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK
+    generator = torch.Generator(device=device)
+    blocks = []
+    for block in range(first, last + 1):
+        generator.manual_seed(block_seed(seed, stage, block))
+        blocks.append(torch.randn((NOISE_BLOCK, *shape), generator=generator, device=device))
+    noise = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    offset = first * NOISE_BLOCK
+    return noise[start - offset : stop - offset]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Samples [start, stop) of one input's noise stream, to be classified in a shared batch."""
+
+    x: torch.Tensor  # (C, H, W), in [0, 1] pixel space, on the model's device
+    sigma: float
+    seed: int
+    stage: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def noisy_batch(chunks: list[Chunk], device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """Concatenate x + σ·ε for every chunk: tensor (Σ sizes, C, H, W) on ``device``."""
+    parts = []
+    for c in chunks:
+        noise = stream_noise(tuple(c.x.shape), c.seed, c.stage, c.start, c.stop, device)
+        parts.append(noise.mul_(c.sigma).add_(c.x.to(device)))
+    batch = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
+
+
+@torch.inference_mode()
+def count_chunks(
+    model: nn.Module, chunks: list[Chunk], num_classes: int, channels_last: bool = False
+) -> torch.Tensor:
+    """Classify every chunk's noisy samples in one forward pass; return counts (len(chunks), num_classes).
+
+    Row i holds how often the base classifier gave each class on chunk i's samples; row sums
+    equal the chunk sizes. Counting is one ``bincount`` on the model's device, no loop per sample.
+    """
+    device = next(model.parameters()).device
+    batch = noisy_batch(chunks, device, channels_last)
+    predictions = model(batch).argmax(dim=1)  # (B,)
+    sizes = torch.tensor([c.size for c in chunks], device=device)
+    segment = torch.repeat_interleave(torch.arange(len(chunks), device=device), sizes)  # (B,)
+    flat = torch.bincount(segment * num_classes + predictions, minlength=len(chunks) * num_classes)
+    return flat.view(len(chunks), num_classes).cpu()
+
+
+def sample_counts(
+    model: nn.Module,
+    x: torch.Tensor,
+    num: int,
+    *,
+    sigma: float,
+    num_classes: int,
+    batch_size: int,
+    seed: int,
+    stage: int = ESTIMATION_STAGE,
+    start: int = 0,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Class counts of the base classifier on ``num`` noisy copies x + N(0, σ²I).
+
+    x: (C, H, W) in [0, 1] pixel space. Uses samples [start, start + num) of the stream
+    (seed, stage), in batches of at most ``batch_size``. Returns int64 counts (num_classes,) that
+    sum to ``num``.
+    """
+    device = next(model.parameters()).device
+    x = x.to(device)
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    for lo in range(start, start + num, batch_size):
+        hi = min(lo + batch_size, start + num)
+        chunk = Chunk(x=x, sigma=sigma, seed=seed, stage=stage, start=lo, stop=hi)
+        counts += count_chunks(model, [chunk], num_classes, channels_last)[0]
+    return counts

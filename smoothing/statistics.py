@@ -1,0 +1,44 @@
+"""The hypothesis tests and confidence bounds of PREDICT and CERTIFY (Cohen et al. 2019, §3.2)."""
+
+from __future__ import annotations
+
+from scipy.stats import binomtest, norm
+from statsmodels.stats.proportion import proportion_confint
+
+
+def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 - α) Clopper–Pearson lower bound on p from k ~ Binomial(n, p).
+
+    P(bound > p) ≤ α for every p. The two-sided interval at level 2α has the one-sided
+    bound at level α as its lower end. For k = n it equals α^(1/n); for k = 0 it is 0.
+    """
+    if n <= 0:
+        raise ValueError(f"need n > 0 samples, got {n}")
+    return float(proportion_confint(k, n, alpha=2 * alpha, method="beta")[0])
+
+
+def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 - α) Clopper–Pearson upper bound on p from k ~ Binomial(n, p)."""
+    if n <= 0:
+        raise ValueError(f"need n > 0 samples, got {n}")
+    return float(proportion_confint(k, n, alpha=2 * alpha, method="beta")[1])
+
+
+def two_sided_p_value(n_a: int, n_b: int) -> float:
+    """p-value of the two-sided binomial test of P(A) = 1/2 given n_a A's among n_a + n_b trials.
+
+    With no trials at all (n_a + n_b = 0) there is no evidence: the p-value is 1.
+    """
+    if n_a + n_b == 0:
+        return 1.0
+    return float(binomtest(n_a, n_a + n_b, 0.5, alternative="two-sided").pvalue)
+
+
+def radius_from_lower_bound(p_a_lower: float, sigma: float) -> float:
+    """Certified ℓ2 radius σ·Φ⁻¹(p̲A) of Theorem 1 with p̄B = 1 - p̲A (same units as σ)."""
+    return float(sigma * norm.ppf(p_a_lower))
+
+
+def probability_for_radius(radius: float, sigma: float) -> float:
+    """The p_A that Theorem 1 needs for a given radius: Φ(r/σ)."""
+    return float(norm.cdf(radius / sigma))

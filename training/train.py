@@ -1,0 +1,185 @@
+"""Train a base classifier with Gaussian data augmentation at σ (Cohen et al. 2019, §3.3).
+
+Every training image gets fresh N(0, σ²I) noise in [0, 1] pixel space at every step. The state
+after each epoch is saved in ``--workdir``; running the same command again resumes from the
+last finished epoch. At the end the model is exported as a registry checkpoint (weights +
+manifest with the recipe, the command and the per-epoch metrics).
+
+    train --dataset fashion-mnist --arch fmnist_resnet --sigma 0.25 --epochs 30 \\
+          --out checkpoints/fmnist-resnet-sigma0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
+from tqdm import tqdm
+
+from models.architectures import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, build_model
+from models.checkpoint import save_checkpoint
+from training.data import class_names, load_dataset
+
+NORMALIZATION = {
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+@dataclass
+class Recipe:
+    dataset: str
+    arch: str
+    sigma: float
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    shift: int = 2  # random translation in pixels (0 = none)
+    flip: bool = True  # random horizontal flips
+
+
+def batches(dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator) -> DataLoader:
+    """A loader of (images, labels) batches; tensor datasets are indexed a whole batch at a time."""
+    if isinstance(dataset, TensorDataset):
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=2)
+
+
+def augment(images: torch.Tensor, recipe: Recipe, generator: torch.Generator) -> torch.Tensor:
+    """Random translations (zero fill) and horizontal flips of a batch (B, C, H, W)."""
+    b, _, h, w = images.shape
+    if recipe.flip:
+        flip = torch.rand(b, generator=generator) < 0.5
+        images = torch.where(flip.view(b, 1, 1, 1), images.flip(3), images)
+    if recipe.shift:
+        shifts = torch.randint(-recipe.shift, recipe.shift + 1, (b, 2), generator=generator).float()
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        theta[:, 0, 2] = 2 * shifts[:, 0] / w
+        theta[:, 1, 2] = 2 * shifts[:, 1] / h
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        images = F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return images
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, dataset: Dataset, sigma: float, seed: int) -> dict[str, float]:
+    """Clean accuracy and accuracy under one draw of N(0, σ²I) per test image, in [0, 1]."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    correct_clean = correct_noisy = total = 0
+    for images, labels in batches(dataset, 500, shuffle=False, generator=generator):
+        correct_clean += (model(images).argmax(1) == labels).sum().item()
+        noisy = images + sigma * torch.randn(images.shape, generator=generator)
+        correct_noisy += (model(noisy).argmax(1) == labels).sum().item()
+        total += len(labels)
+    return {"clean_accuracy": correct_clean / total, "noisy_accuracy": correct_noisy / total}
+
+
+def train(recipe: Recipe, workdir: Path, out: Path, model_id: str, data_root: Path | None, command: str) -> None:
+    torch.manual_seed(recipe.seed)
+    train_set = load_dataset(recipe.dataset, "train", data_root)
+    test_set = load_dataset(recipe.dataset, "test" if recipe.dataset != "imagenet" else "val", data_root)
+    classes = class_names(recipe.dataset, train_set)
+    mean, std = NORMALIZATION[recipe.dataset]
+    model = build_model(recipe.arch, len(classes), mean, std)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, nesterov=True
+    )
+    steps_per_epoch = -(-len(train_set) // recipe.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=0.15
+    )
+    generator = torch.Generator().manual_seed(recipe.seed)
+    log: list[dict[str, float]] = []
+    state_path = workdir / "last.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        if state["recipe"] != asdict(recipe):
+            sys.exit(f"{state_path} was made with another recipe {state['recipe']}; use another --workdir")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        log = state["log"]
+        print(f"resuming {model_id} after epoch {len(log)} from {state_path}", flush=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    for epoch in range(len(log) + 1, recipe.epochs + 1):
+        model.train()
+        started = time.time()
+        loss_sum = seen = 0.0
+        progress = tqdm(batches(train_set, recipe.batch_size, True, generator), total=steps_per_epoch,
+                        desc=f"{model_id} epoch {epoch}/{recipe.epochs}", leave=False, mininterval=2)
+        for images, labels in progress:
+            images = augment(images, recipe, generator)
+            noisy = images + recipe.sigma * torch.randn(images.shape, generator=generator)
+            loss = F.cross_entropy(model(noisy), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(labels)
+            seen += len(labels)
+            progress.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        metrics = {"epoch": epoch, "train_loss": loss_sum / seen, **evaluate(model, test_set, recipe.sigma, seed=epoch),
+                   "seconds": time.time() - started}
+        log.append(metrics)
+        print(json.dumps(metrics), flush=True)
+        torch.save({"recipe": asdict(recipe), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(), "log": log}, state_path)
+
+    manifest = save_checkpoint(
+        model.eval(), out, id=model_id, architecture=recipe.arch, dataset=recipe.dataset, classes=classes,
+        input_shape=tuple(next(iter(batches(test_set, 1, False, generator)))[0].shape[1:]), sigma=recipe.sigma,
+        normalization={"mean": list(mean), "std": list(std)},
+        training={"recipe": asdict(recipe), "command": command, "final": log[-1], "epochs": log},
+        source={"trained_by": "training.train"},
+    )
+    print(f"wrote {out} (sha256 {manifest.sha256[:12]}…)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(NORMALIZATION), required=True)
+    parser.add_argument("--data-root", type=Path, help="local dataset folder (CIFAR-10, ImageNet; Fashion-MNIST has a default)")
+    parser.add_argument("--arch", required=True)
+    parser.add_argument("--sigma", type=float, required=True, help="noise level σ in [0, 1] pixel units")
+    for field in ("epochs", "batch_size", "seed", "shift"):
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=Recipe.__dataclass_fields__[field].default)
+    for field in ("lr", "momentum", "weight_decay"):
+        parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=Recipe.__dataclass_fields__[field].default)
+    parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    parser.add_argument("--id", help="model id (default: the --out folder's name)")
+    parser.add_argument("--workdir", type=Path, help="where per-epoch state is kept (default: runs/<id>)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = Recipe(dataset=args.dataset, arch=args.arch, sigma=args.sigma, epochs=args.epochs,
+                    batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                    seed=args.seed, shift=args.shift, flip=not args.no_flip)
+    command = "train " + shlex.join(sys.argv[1:] if argv is None else argv)
+    model_id = args.id or args.out.name
+    train(recipe, args.workdir or Path("runs") / model_id, args.out, model_id, args.data_root, command)
+
+
+if __name__ == "__main__":
+    main()

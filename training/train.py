@@ -136,7 +136,7 @@ def train(recipe: Recipe, workdir: Path, out: Path, model_id: str, data_root: Pa
             scheduler.step()
             loss_sum += loss.item() * len(labels)
             seen += len(labels)
-            progress.set_postfix(loss=f"{loss_sum / seen:.4f}")
+            progress.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
         metrics = {"epoch": epoch, "train_loss": loss_sum / seen, **evaluate(model, test_set, recipe.sigma, seed=epoch),
                    "seconds": time.time() - started}
         log.append(metrics)

@@ -1,0 +1,218 @@
+"""Cross-request micro-batching of noise samples (pure Python + torch; no HTTP).
+
+Work is measured in samples, not requests. A ``WorkItem`` asks for the class counts of samples
+[0, num) of one input's noise stream. At every step the executor asks ``next_batch`` for up to
+the model's best batch size: the scheduler takes the model of the most urgent item, then fills
+the batch from that model's items, highest priority class first, round-robin inside a class,
+one chunk per item per turn. A 100,000-sample certification therefore shares every forward
+pass with, and never blocks, a 100-sample prediction that arrives after it.
+
+Threads: the event loop calls ``submit`` and cancels futures; the executor thread calls
+``next_batch`` and ``complete``. One condition variable guards all state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+
+from smoothing.sampling import NOISE_BLOCK, Chunk
+
+
+class Priority(IntEnum):
+    """Lower value = served first."""
+
+    PREDICT = 0
+    CERTIFY = 1
+    JOB = 2
+
+
+class QueueFull(Exception):
+    """More samples are pending than the configured bound; retry after ``retry_after_s``."""
+
+    def __init__(self, pending: int, limit: int, retry_after_s: int) -> None:
+        super().__init__(f"{pending} noise samples already pending (limit {limit}); retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its samples were all counted; its remaining work was dropped."""
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """Count the base classifier's predictions on samples [0, num) of stream (seed, stage) around x."""
+
+    model_id: str
+    x: torch.Tensor  # (C, H, W) in [0, 1], on the model's device
+    sigma: float
+    seed: int
+    stage: int
+    num: int
+    num_classes: int
+    priority: Priority
+    deadline: float | None = None  # time.monotonic() seconds
+    arrival: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)  # resolves to the counts, int64 (num_classes,)
+    counts: torch.Tensor = field(init=False)
+    dispatched: int = 0  # samples handed to the executor so far
+    counted: int = 0  # samples whose predictions came back
+    first_dispatch: float | None = None
+
+    def __post_init__(self) -> None:
+        self.counts = torch.zeros(self.num_classes, dtype=torch.long)
+
+    @property
+    def undispatched(self) -> int:
+        return self.num - self.dispatched
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One forward pass: ``chunks[i]`` belongs to ``items[i]`` (an item may appear several times)."""
+
+    model_id: str
+    items: list[WorkItem]
+    chunks: list[Chunk]
+
+    @property
+    def size(self) -> int:
+        return sum(c.size for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, *, max_pending_samples: int, chunk_size: int = 4 * NOISE_BLOCK, batch_delay_s: float = 0.0) -> None:
+        if chunk_size % NOISE_BLOCK:
+            raise ValueError(f"chunk_size must be a multiple of the noise block ({NOISE_BLOCK}), got {chunk_size}")
+        if max_pending_samples <= 0 or batch_delay_s < 0:
+            raise ValueError("max_pending_samples must be > 0 and batch_delay_s >= 0")
+        self.max_pending_samples = max_pending_samples
+        self.chunk_size = chunk_size
+        self.batch_delay_s = batch_delay_s
+        self._queues: dict[Priority, deque[WorkItem]] = {p: deque() for p in Priority}
+        self._pending = 0  # samples submitted and not yet counted (or dropped)
+        self._cond = threading.Condition()
+        # Rough service rate for Retry-After, updated by ``complete``.
+        self._samples_per_s = 1_000.0
+
+    @property
+    def pending_samples(self) -> int:
+        return self._pending
+
+    def submit(self, item: WorkItem) -> Future:
+        """Queue ``item``; its future resolves to its counts. Raises QueueFull beyond the bound."""
+        with self._cond:
+            if self._pending + item.num > self.max_pending_samples:
+                retry = max(1, round(self._pending / self._samples_per_s))
+                raise QueueFull(self._pending, self.max_pending_samples, retry)
+            self._pending += item.num
+            self._queues[item.priority].append(item)
+            self._cond.notify()
+        return item.future
+
+    def next_batch(self, batch_size_for: Callable[[str], int], timeout: float) -> Batch | None:
+        """The next batch to run, or None if there was none ready within ``timeout`` seconds."""
+        with self._cond:
+            self._drop_finished_and_expired()
+            lead = self._most_urgent()
+            if lead is None:
+                self._cond.wait(timeout)
+                return None
+            batch_size = batch_size_for(lead.model_id)
+            if self.batch_delay_s > 0:
+                ready = sum(i.undispatched for q in self._queues.values() for i in q if i.model_id == lead.model_id)
+                wait = min(i.arrival for q in self._queues.values() for i in q) + self.batch_delay_s - time.monotonic()
+                if ready < batch_size and wait > 0:
+                    self._cond.wait(min(wait, timeout))
+                    return None
+            return self._fill(lead.model_id, batch_size)
+
+    def complete(self, batch: Batch, counts: torch.Tensor, service_seconds: float) -> None:
+        """Add each chunk's counts (len(chunks), num_classes) to its item; resolve finished items."""
+        with self._cond:
+            for item, chunk, row in zip(batch.items, batch.chunks, counts, strict=True):
+                item.counts += row
+                item.counted += chunk.size
+                if not item.future.done():
+                    self._pending -= chunk.size
+                if item.counted == item.num:
+                    _resolve(item.future, result=item.counts)
+            if service_seconds > 0:
+                self._samples_per_s = 0.9 * self._samples_per_s + 0.1 * batch.size / service_seconds
+
+    def fail(self, batch: Batch, error: BaseException) -> None:
+        """The forward pass raised: fail every item of the batch and drop its remaining work."""
+        with self._cond:
+            for item in set(batch.items):
+                self._drop(item, error)
+
+    # -- internals (call with the lock held) --------------------------------------------------
+
+    def _most_urgent(self) -> WorkItem | None:
+        for priority in Priority:
+            live = [i for i in self._queues[priority] if i.undispatched > 0]
+            if live:
+                return min(live, key=lambda i: i.arrival)
+        return None
+
+    def _fill(self, model_id: str, batch_size: int) -> Batch:
+        items: list[WorkItem] = []
+        chunks: list[Chunk] = []
+        room = batch_size
+        for priority in Priority:
+            queue = self._queues[priority]
+            while room > 0:
+                turn = [i for i in queue if i.model_id == model_id and i.undispatched > 0]
+                if not turn:
+                    break
+                for item in turn:  # one chunk per item per turn, oldest-served first
+                    if room == 0:
+                        break
+                    size = min(self.chunk_size, item.undispatched, room)
+                    chunks.append(Chunk(item.x, item.sigma, item.seed, item.stage, item.dispatched, item.dispatched + size))
+                    items.append(item)
+                    item.dispatched += size
+                    item.first_dispatch = item.first_dispatch or time.monotonic()
+                    room -= size
+                    queue.remove(item)
+                    queue.append(item)  # round-robin: served items go to the back
+        return Batch(model_id, items, chunks)
+
+    def _drop_finished_and_expired(self) -> None:
+        now = time.monotonic()
+        for queue in self._queues.values():
+            for item in list(queue):
+                if item.future.cancelled():
+                    self._drop(item, None)
+                elif item.deadline is not None and now > item.deadline and item.counted < item.num:
+                    self._drop(item, DeadlineExceeded(f"deadline passed after {item.counted} of {item.num} samples"))
+                elif item.counted == item.num and item.undispatched == 0:
+                    queue.remove(item)
+
+    def _drop(self, item: WorkItem, error: BaseException | None) -> None:
+        queue = self._queues[item.priority]
+        if item in queue:
+            queue.remove(item)
+            self._pending -= item.num - item.counted
+            item.counted = item.num  # nothing more will be counted for it
+            item.dispatched = item.num
+        if error is not None:
+            _resolve(item.future, error=error)
+
+
+def _resolve(future: Future, *, result: object = None, error: BaseException | None = None) -> None:
+    """Set a future's outcome unless the client already cancelled it (a race we lose gracefully)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass

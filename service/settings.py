@@ -1,0 +1,47 @@
+"""The service's one configuration object, read from the environment (prefix ``CERTSERVE_``).
+
+Every field is documented in the README's settings table; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.registry import DEFAULT_ROOT
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CERTSERVE_", env_file=None)
+
+    # models and device
+    model_dir: Path = Field(DEFAULT_ROOT, description="registry folder of checkpoints (manifest.json + weights.pt)")
+    models: list[str] = Field(default_factory=list, description="model ids to load; empty = every model in model_dir")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:k]'")
+    max_batch: int = Field(0, ge=0, description="cap on samples per forward pass; 0 = the measured best batch size")
+    batch_delay_ms: float = Field(2.0, ge=0, description="wait for more work, counted from the oldest queued item")
+    tuning_cache: Path | None = Field(None, description="JSON file caching the batch-size sweep across restarts")
+
+    # scheduling and limits
+    max_pending_samples: int = Field(2_000_000, gt=0, description="queue bound in noise samples; beyond it: 503")
+    request_timeout_s: float = Field(300.0, gt=0, description="per-request deadline; past it: 504")
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="largest request body accepted")
+    max_job_bytes: int = Field(256 * 1024 * 1024, gt=0, description="largest batch-job upload accepted")
+    max_image_pixels: int = Field(4096 * 4096, gt=0, description="largest decoded image (decompression bombs)")
+    max_job_images: int = Field(10_000, gt=0, description="most images in one batch job")
+    max_n: int = Field(1_000_000, gt=0, description="largest n (and n0) a request may ask for")
+
+    # defaults of the API parameters
+    default_predict_n: int = Field(1_000, gt=0)
+    default_n0: int = Field(100, gt=0)
+    default_n: int = Field(100_000, gt=0)
+    default_alpha: float = Field(0.001, gt=0, lt=0.5)
+
+    # state
+    redis_url: str | None = Field(None, description="e.g. redis://127.0.0.1:6379/0; unset = in-process cache and SQLite jobs")
+    cache_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="certificate cache time-to-live")
+    cache_size: int = Field(10_000, gt=0, description="entries of the in-process LRU cache (no Redis)")
+    job_db: Path = Field(Path("state/jobs.sqlite3"), description="SQLite job store when Redis is not configured")
+    api_keys: list[str] = Field(default_factory=list, description="bearer keys; empty = no authentication")

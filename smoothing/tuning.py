@@ -1,0 +1,147 @@
+"""Make a base classifier fast for sampling on a device, and measure its best batch size.
+
+On a 2-core CPU a small CNN ran ~3x faster at batch 32 than at the paper's 1,000, and
+channels-last was up to 2x faster; neither is predictable from first principles, so
+``prepare_for_inference`` measures a short sweep and caches the answer per (model, device).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+log = logging.getLogger(__name__)
+
+CPU_BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+GPU_BATCH_SIZES = (128, 256, 512, 1024, 2048, 4096, 8192)
+_plans: dict[str, tuple[int, bool, float]] = {}
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """How to run a model for sampling: the optimized module and its measured best batch."""
+
+    model: nn.Module  # eval mode, BatchNorm folded, channels-last when that was faster
+    batch_size: int
+    channels_last: bool
+    samples_per_second: float  # noise + forward + argmax, measured at batch_size
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with every Conv→BatchNorm pair folded into the convolution.
+
+    Outputs equal the original's up to float rounding. Models that torch.fx cannot trace are
+    returned unchanged (in eval mode).
+    """
+    model = model.eval()
+    try:
+        return fuse(model, inplace=False)
+    except Exception as e:  # fx tracing fails on data-dependent control flow; folding is only a speed-up
+        log.warning("BatchNorm folding skipped (%s: %s)", type(e).__name__, e)
+        return model
+
+
+@torch.inference_mode()
+def measure_throughput(
+    model: nn.Module, input_shape: tuple[int, ...], batch_size: int, channels_last: bool,
+    device: torch.device, seconds: float = 0.2,
+) -> float:
+    """Samples per second of noise + forward + argmax at ``batch_size`` (after one warm-up batch)."""
+    x = torch.rand(input_shape, device=device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def step() -> None:
+        batch = (x + 0.5 * torch.randn((batch_size, *input_shape), device=device)).contiguous(
+            memory_format=memory_format
+        )
+        model(batch).argmax(1).cpu()
+
+    step()
+    done, started = 0, time.perf_counter()
+    while done == 0 or time.perf_counter() - started < seconds:
+        step()
+        done += batch_size
+    return done / (time.perf_counter() - started)
+
+
+def sweep_batch_sizes(
+    model: nn.Module, input_shape: tuple[int, ...], device: torch.device, channels_last: bool,
+    candidates: tuple[int, ...],
+) -> dict[int, float]:
+    """Throughput at each candidate batch size, in increasing order; stops once it falls for two
+    sizes in a row or one batch takes over a second (large inputs on a CPU)."""
+    results: dict[int, float] = {}
+    falls = 0
+    for batch_size in candidates:
+        rate = measure_throughput(model, input_shape, batch_size, channels_last, device)
+        if results and rate < max(results.values()):
+            falls += 1
+        else:
+            falls = 0
+        results[batch_size] = rate
+        if falls >= 2 or batch_size / rate > 1.0:
+            break
+    return results
+
+
+def _plan_key(cache_key: str, device: torch.device) -> str:
+    return f"{cache_key}|{device}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def prepare_for_inference(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    device: torch.device | str = "cpu",
+    *,
+    cache_key: str | None = None,
+    cache_file: Path | None = None,
+    candidates: tuple[int, ...] | None = None,
+) -> InferencePlan:
+    """Fold BatchNorm, move to ``device``, and pick the fastest (batch size, memory format).
+
+    The sweep (a few seconds) is cached in memory under ``cache_key`` (e.g. the checkpoint's
+    sha256) and, when ``cache_file`` is given, in that JSON file. Also turns on flushing of
+    denormal floats, which made trained models ~1.5x faster on CPU and does not change argmax
+    decisions beyond float rounding.
+    """
+    device = torch.device(device)
+    torch.set_flush_denormal(True)
+    model = fold_batchnorm(model.to(device))
+    key = _plan_key(cache_key, device) if cache_key else None
+    cached = _plans.get(key) if key else None
+    if key and cached is None and cache_file is not None and cache_file.exists():
+        stored = json.loads(cache_file.read_text()).get(key)
+        cached = (stored["batch_size"], stored["channels_last"], stored["samples_per_second"]) if stored else None
+    if cached is None:
+        if candidates is None:
+            candidates = GPU_BATCH_SIZES if device.type == "cuda" else CPU_BATCH_SIZES
+        best = (0.0, candidates[0], False)
+        for channels_last in (False, True):
+            trial = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            for batch_size, rate in sweep_batch_sizes(trial, input_shape, device, channels_last, candidates).items():
+                best = max(best, (rate, batch_size, channels_last))
+        cached = (best[1], best[2], best[0])
+        log.info("best batch for %s on %s: %d (channels_last=%s, %.0f samples/s)", cache_key, device, *cached)
+    if key:
+        _plans[key] = cached
+        if cache_file is not None:
+            stored = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+            stored[key] = dict(zip(("batch_size", "channels_last", "samples_per_second"), cached, strict=True))
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_text(json.dumps(stored, indent=2))
+    batch_size, channels_last, rate = cached
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return InferencePlan(model=model, batch_size=batch_size, channels_last=channels_last, samples_per_second=rate)
+
+
+def plan_summary(plan: InferencePlan) -> dict[str, object]:
+    """The plan without the module, for logs and API answers."""
+    return {"batch_size": plan.batch_size, "channels_last": plan.channels_last,
+            "samples_per_second": round(plan.samples_per_second, 1)}

@@ -1,0 +1,55 @@
+import json
+
+import torch
+
+from models.architectures import build_model
+from smoothing.tuning import fold_batchnorm, measure_throughput, prepare_for_inference, sweep_batch_sizes
+
+
+def _model_with_trained_batchnorm() -> torch.nn.Module:
+    model = build_model("fmnist_resnet", 10, (0.286,), (0.353,))
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def test_folding_batchnorm_keeps_outputs() -> None:
+    model = _model_with_trained_batchnorm()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(16, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_measure_throughput_is_positive_and_sweep_stops_on_slow_batches() -> None:
+    model = fold_batchnorm(_model_with_trained_batchnorm())
+    assert measure_throughput(model, (1, 28, 28), 8, False, torch.device("cpu"), seconds=0.01) > 0
+    rates = sweep_batch_sizes(model, (1, 28, 28), torch.device("cpu"), False, (4, 8, 16))
+    assert list(rates) == [4, 8, 16][: len(rates)] and all(r > 0 for r in rates.values())
+
+
+def test_plan_is_cached_in_memory_and_in_file(tmp_path) -> None:
+    cache_file = tmp_path / "plans.json"
+    model = _model_with_trained_batchnorm()
+    plan = prepare_for_inference(model, (1, 28, 28), cache_key="test-model", cache_file=cache_file, candidates=(4, 8))
+    assert plan.batch_size in (4, 8)
+    stored = json.loads(cache_file.read_text())
+    (entry,) = stored.values()
+    assert entry["batch_size"] == plan.batch_size and entry["channels_last"] == plan.channels_last
+    # A stored plan is used as is: forge one and check it is returned without a sweep.
+    forged = {key: {"batch_size": 96, "channels_last": True, "samples_per_second": 1.0} for key in stored}
+    cache_file.write_text(json.dumps(forged))
+    from smoothing import tuning
+
+    tuning._plans.clear()
+    again = prepare_for_inference(model, (1, 28, 28), cache_key="test-model", cache_file=cache_file, candidates=(4, 8))
+    assert (again.batch_size, again.channels_last) == (96, True)
+    x = torch.rand(3, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(again.model(x), model(x), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,244 @@
+"""Sample-efficient certification: decide "certified at radius r?" and adaptive certificates.
+
+Both procedures draw their estimation samples in growing stages (looks) n_1 < … < n_K = n_max
+and may stop after any look. Error control is a **union bound over the K looks**: at each look
+the one-sided Clopper–Pearson bound is taken at level α/K. Whatever data-dependent rule picks
+the look at which we stop, a wrong answer needs at least one of the K bounds to be wrong, and
+each is wrong with probability ≤ α/K; so P(wrong certificate) ≤ α (Horváth et al., ICLR 2022
+split the level across stages the same way). With geometric stages K stays small (7 looks from
+100 to 100,000), so the price is α → α/7 inside Φ⁻¹, a few percent of radius at most.
+
+Stopping for futility ("not certified at r", or "more samples cannot raise the radius by more
+than the tolerance") never returns a certificate, so it spends no level: it may only cost
+power. It uses an upper confidence bound on p_A at ``futility_alpha`` to project what n_max
+samples could at best give.
+
+The procedures are written once, as generators that yield ``SampleRequest``s and receive the
+class counts of those samples; ``run`` drives one with a synchronous sampler (the library) and
+the service drives the same generator with its asynchronous scheduler.
+
+Radii are ℓ2 distances in the [0, 1] pixel space of the model's input, at its resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import torch
+from scipy.stats import norm
+from torch import nn
+
+from smoothing.sampling import ESTIMATION_STAGE, SELECTION_STAGE, new_seed, sample_counts
+from smoothing.statistics import lower_confidence_bound, probability_for_radius, upper_confidence_bound
+
+DEFAULT_N_MAX = 100_000
+DEFAULT_FIRST_LOOK = 100
+DEFAULT_FUTILITY_ALPHA = 0.001
+DEFAULT_TOLERANCE = 0.02
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """Count the base classifier on samples [start, stop) of noise stream ``stage``."""
+
+    stage: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class RadiusDecision:
+    """Answer to "is g(x) = c_A with certified radius ≥ r?".
+
+    Guarantee: P(certified is True and g is not constant = label on the ℓ2 ball of radius r) ≤ α.
+    """
+
+    certified: bool
+    label: int | None  # c_A when certified, else None
+    radius: float  # the target radius r
+    reason: Literal["certified", "not_certified", "infeasible"]
+    top_class: int | None  # ĉA from the selection samples (None when infeasible)
+    p_a_lower: float  # lower bound at level α/K at the last look (0 when infeasible)
+    samples: int  # selection + estimation samples spent
+    looks: int  # looks taken
+    max_certifiable_radius: float  # largest radius n_max samples could certify at level α/K
+    n0: int
+    n_max: int
+    alpha: float
+    sigma: float
+
+
+@dataclass(frozen=True)
+class AdaptiveCertificate:
+    """CERTIFY's largest-radius certificate, stopped once n_max samples could not add > tolerance.
+
+    Guarantee: with probability ≥ 1 - α, it abstained (label None) or g(x + δ) = label for every
+    ‖δ‖₂ < radius.
+    """
+
+    label: int | None
+    radius: float
+    p_a_lower: float  # at level α/K, at the last look
+    top_class: int
+    samples: int
+    looks: int
+    n0: int
+    n_max: int
+    alpha: float
+    sigma: float
+    tolerance: float
+
+
+def look_schedule(n_max: int, first: int = DEFAULT_FIRST_LOOK, growth: float = math.sqrt(10)) -> tuple[int, ...]:
+    """Cumulative estimation sample sizes at each look: first, first·growth, …, n_max."""
+    if n_max < 1 or first < 1 or growth <= 1:
+        raise ValueError("need n_max >= 1, first >= 1 and growth > 1")
+    looks = []
+    size = float(min(first, n_max))
+    while round(size) < n_max:
+        looks.append(round(size))
+        size *= growth
+    looks.append(n_max)
+    return tuple(looks)
+
+
+def max_certifiable_radius(n_max: int, alpha_per_look: float, sigma: float) -> float:
+    """σ·Φ⁻¹((α/K)^(1/n_max)): the radius certified when all n_max samples agree."""
+    return float(sigma * norm.ppf(alpha_per_look ** (1.0 / n_max)))
+
+
+def _radius(p_a_lower: float, sigma: float) -> float:
+    return float(sigma * norm.ppf(p_a_lower)) if p_a_lower > 0.5 else 0.0
+
+
+def _best_reachable_lower_bound(count_a: int, n: int, n_max: int, alpha_look: float, futility_alpha: float) -> float:
+    """The final-look bound if p_A were as high as its (1 - futility_alpha) upper bound: a
+    plausible best case for continuing to n_max."""
+    p_up = upper_confidence_bound(count_a, n, futility_alpha)
+    return lower_confidence_bound(min(n_max, math.ceil(p_up * n_max)), n_max, alpha_look)
+
+
+def _top_class(counts: torch.Tensor) -> int:
+    return int(torch.argsort(-counts.to(torch.long).cpu(), stable=True)[0])
+
+
+def radius_test(
+    *, radius: float, sigma: float, alpha: float, n0: int = 100, n_max: int = DEFAULT_N_MAX,
+    first_look: int = DEFAULT_FIRST_LOOK, futility_alpha: float = DEFAULT_FUTILITY_ALPHA,
+) -> Generator[SampleRequest, torch.Tensor, RadiusDecision]:
+    """Decide whether g(x) = ĉA with radius ≥ ``radius``: reject p_A ≤ Φ(r/σ) at level α.
+
+    Selection: ĉA from n0 samples. Estimation: looks at ``look_schedule(n_max)``; certified as
+    soon as the Clopper–Pearson lower bound at level α/K exceeds Φ(r/σ); not certified once even
+    the optimistic projection to n_max cannot exceed it. When r exceeds what n_max samples can
+    ever certify at level α/K, answers "infeasible" without sampling.
+    """
+    if not 0.0 < alpha < 0.5:
+        raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
+    looks = look_schedule(n_max, first_look)
+    alpha_look = alpha / len(looks)
+    threshold = max(0.5, probability_for_radius(radius, sigma))
+    ceiling = max_certifiable_radius(n_max, alpha_look, sigma)
+    common = dict(radius=radius, max_certifiable_radius=ceiling, n0=n0, n_max=n_max, alpha=alpha, sigma=sigma)
+    if radius >= ceiling:
+        return RadiusDecision(False, None, reason="infeasible", top_class=None, p_a_lower=0.0, samples=0, looks=0,
+                              **common)
+    selection = yield SampleRequest(SELECTION_STAGE, 0, n0)
+    top = _top_class(selection)
+    count_a, n = 0, 0
+    for k, n_k in enumerate(looks, start=1):
+        counts = yield SampleRequest(ESTIMATION_STAGE, n, n_k)
+        count_a, n = count_a + int(counts[top]), n_k
+        p_a_lower = lower_confidence_bound(count_a, n, alpha_look)
+        if p_a_lower > threshold:
+            return RadiusDecision(True, top, reason="certified", top_class=top, p_a_lower=p_a_lower,
+                                  samples=n0 + n, looks=k, **common)
+        if n == n_max or _best_reachable_lower_bound(count_a, n, n_max, alpha_look, futility_alpha) <= threshold:
+            return RadiusDecision(False, None, reason="not_certified", top_class=top, p_a_lower=p_a_lower,
+                                  samples=n0 + n, looks=k, **common)
+    raise AssertionError("unreachable: the last look is n_max")
+
+
+def adaptive_certify(
+    *, sigma: float, alpha: float, n0: int = 100, n_max: int = DEFAULT_N_MAX, tolerance: float = DEFAULT_TOLERANCE,
+    first_look: int = DEFAULT_FIRST_LOOK, futility_alpha: float = DEFAULT_FUTILITY_ALPHA,
+) -> Generator[SampleRequest, torch.Tensor, AdaptiveCertificate]:
+    """CERTIFY with an input-specific sample size.
+
+    After each look the radius is σ·Φ⁻¹(p̲A) with p̲A at level α/K; sampling stops once the
+    optimistic projection to n_max would raise it by at most ``tolerance`` (ℓ2), or at n_max.
+    Abstains (label None, radius 0) when p̲A ≤ 1/2 at the stopping look.
+    """
+    if not 0.0 < alpha < 0.5:
+        raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    looks = look_schedule(n_max, first_look)
+    alpha_look = alpha / len(looks)
+    selection = yield SampleRequest(SELECTION_STAGE, 0, n0)
+    top = _top_class(selection)
+    count_a, n = 0, 0
+    for k, n_k in enumerate(looks, start=1):
+        counts = yield SampleRequest(ESTIMATION_STAGE, n, n_k)
+        count_a, n = count_a + int(counts[top]), n_k
+        p_a_lower = lower_confidence_bound(count_a, n, alpha_look)
+        radius = _radius(p_a_lower, sigma)
+        reachable = _radius(_best_reachable_lower_bound(count_a, n, n_max, alpha_look, futility_alpha), sigma)
+        if n == n_max or reachable - radius <= tolerance:
+            return AdaptiveCertificate(
+                label=top if p_a_lower > 0.5 else None, radius=radius, p_a_lower=p_a_lower, top_class=top,
+                samples=n0 + n, looks=k, n0=n0, n_max=n_max, alpha=alpha, sigma=sigma, tolerance=tolerance,
+            )
+    raise AssertionError("unreachable: the last look is n_max")
+
+
+def run(procedure: Generator[SampleRequest, torch.Tensor, R], sample: Callable[[SampleRequest], torch.Tensor]) -> R:
+    """Drive a procedure with a synchronous sampler that returns class counts for a request."""
+    try:
+        request = next(procedure)
+        while True:
+            request = procedure.send(sample(request))
+    except StopIteration as finished:
+        return finished.value
+
+
+def model_sampler(
+    model: nn.Module, x: torch.Tensor, *, sigma: float, num_classes: int, batch_size: int, seed: int,
+    channels_last: bool = False,
+) -> Callable[[SampleRequest], torch.Tensor]:
+    """A sampler for ``run`` that counts ``model`` on x + N(0, σ²I) from the seeded noise streams."""
+
+    def sample(request: SampleRequest) -> torch.Tensor:
+        return sample_counts(
+            model, x, request.stop - request.start, sigma=sigma, num_classes=num_classes, batch_size=batch_size,
+            seed=seed, stage=request.stage, start=request.start, channels_last=channels_last,
+        )
+
+    return sample
+
+
+def certify_radius(
+    model: nn.Module, x: torch.Tensor, *, radius: float, sigma: float, num_classes: int, alpha: float,
+    batch_size: int, n0: int = 100, n_max: int = DEFAULT_N_MAX, seed: int | None = None, channels_last: bool = False,
+) -> RadiusDecision:
+    """``radius_test`` on a model: is x certified at ``radius``? (x: (C, H, W) in [0, 1])."""
+    seed = new_seed() if seed is None else seed
+    sampler = model_sampler(model, x, sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=seed,
+                            channels_last=channels_last)
+    return run(radius_test(radius=radius, sigma=sigma, alpha=alpha, n0=n0, n_max=n_max), sampler)
+
+
+def certify_adaptive(
+    model: nn.Module, x: torch.Tensor, *, sigma: float, num_classes: int, alpha: float, batch_size: int,
+    n0: int = 100, n_max: int = DEFAULT_N_MAX, tolerance: float = DEFAULT_TOLERANCE, seed: int | None = None,
+    channels_last: bool = False,
+) -> AdaptiveCertificate:
+    """``adaptive_certify`` on a model (x: (C, H, W) in [0, 1])."""
+    seed = new_seed() if seed is None else seed
+    sampler = model_sampler(model, x, sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=seed,
+                            channels_last=channels_last)
+    return run(adaptive_certify(sigma=sigma, alpha=alpha, n0=n0, n_max=n_max, tolerance=tolerance), sampler)

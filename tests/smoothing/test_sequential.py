@@ -152,4 +152,4 @@ def test_library_wrappers_sample_through_a_model_and_count_samples() -> None:
     adaptive = certify_adaptive(model, x, sigma=SIGMA, num_classes=3, alpha=0.001, batch_size=64, n_max=1000, seed=0)
     # All samples agree: the radius is the n_max ceiling at level α/K, reached at the last look.
     assert adaptive.samples == 100 + 1000
-    assert adaptive.radius == pytest.approx(max_certifiable_radius(1000, 0.001 / 4, SIGMA))
+    assert adaptive.radius == pytest.approx(max_certifiable_radius(1000, 0.001 / len(look_schedule(1000)), SIGMA))

@@ -64,9 +64,12 @@ def cifar10(split: str, root: Path) -> Dataset:
     """CIFAR-10 from ``root/cifar-10-batches-py`` (torchvision's layout), images (3, 32, 32) in [0, 1]."""
     if not (Path(root) / "cifar-10-batches-py").is_dir():
         raise DatasetNotFound(f"CIFAR-10 not found: expected {root}/cifar-10-batches-py (torchvision's CIFAR10 layout)")
-    return torchvision.datasets.CIFAR10(
-        str(root), train=split == "train", download=False, transform=transforms.ToTensor()
-    )
+    try:
+        return torchvision.datasets.CIFAR10(
+            str(root), train=split == "train", download=False, transform=transforms.ToTensor()
+        )
+    except RuntimeError as e:  # torchvision checks every file's md5 even without downloading
+        raise DatasetNotFound(f"CIFAR-10 under {root} is incomplete or corrupted ({e})") from None
 
 
 def imagenet(split: str, root: Path) -> Dataset:

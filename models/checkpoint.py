@@ -8,8 +8,6 @@ with the sha256 of the weights file so that a swapped or damaged file is caught 
 from __future__ import annotations
 
 import hashlib
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -82,22 +80,44 @@ def read_manifest(directory: Path) -> Manifest:
         return Manifest.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: manifest not found") from None
+    except OSError as e:  # a folder where the file should be, no permission, ...
+        raise CheckpointError(f"{path}: manifest not readable: {e.strerror or e}") from None
     except ValidationError as e:
         raise CheckpointError(f"{path}: invalid manifest: {e}") from None
 
 
+def describe_load_error(error: Exception) -> str:
+    """One line saying why ``torch.load(..., weights_only=True)`` failed."""
+    text = str(error).strip()
+    # The safe unpickler's message is a paragraph of advice; the reason follows this marker.
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = text.split(marker, 1)[1].strip().splitlines()[0].split(" Please use")[0].strip()
+        return f"not loadable with weights_only=True (corrupt, or holds objects other than tensors): {reason}"
+    first_line = text.splitlines()[0] if text else ""
+    return f"not a readable PyTorch checkpoint (corrupt or truncated?): {type(error).__name__}: {first_line}"
+
+
 def read_state_dict(path: Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)``, with torch's errors turned into a CheckpointError."""
+    """``torch.load(path, weights_only=True)`` on the CPU, any failure turned into a CheckpointError.
+
+    weights_only=True never runs code from the file: it only rebuilds tensors and plain containers
+    (dict, list, int, float, str, ...), so checkpoints of unknown origin can be opened safely.
+    """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {first_line}") from None
+    except Exception as e:  # damaged bytes make the decoder raise IndexError, KeyError, struct.error, ...
+        raise CheckpointError(f"{path}: {describe_load_error(e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
+
+
+def describe_value(value: Any) -> str:
+    """A tensor's shape, or the type of anything else, for error messages."""
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else f"a {type(value).__name__}, not a tensor"
 
 
 def load_weights(model: nn.Module, state: dict[str, Any], path: Path) -> None:
@@ -106,7 +126,7 @@ def load_weights(model: nn.Module, state: dict[str, Any], path: Path) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     misshapen = [
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+        f"{k} (file {describe_value(state[k])}, model {tuple(own[k].shape)})"
         for k in own
         if k in state and (not isinstance(state[k], torch.Tensor) or state[k].shape != own[k].shape)
     ]

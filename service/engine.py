@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -17,6 +19,9 @@ from service.executor import LoadedModel
 from service.scheduler import Priority, Scheduler, WorkItem
 from smoothing.core import Certificate, Prediction, certify_from_counts, predict_from_counts
 from smoothing.sampling import ESTIMATION_STAGE, SELECTION_STAGE, new_seed
+from smoothing.sequential import SampleRequest
+
+R = TypeVar("R")
 
 
 class UnknownModel(KeyError):
@@ -44,14 +49,31 @@ class Engine:
             raise UnknownModel(model_id) from None
 
     async def count(
-        self, model_id: str, x: torch.Tensor, num: int, *, stage: int, seed: int, priority: Priority,
-        deadline: float, timing: Timing,
+        self,
+        model_id: str,
+        x: torch.Tensor,
+        num: int,
+        *,
+        stage: int,
+        seed: int,
+        priority: Priority,
+        deadline: float,
+        timing: Timing,
+        start: int = 0,
     ) -> torch.Tensor:
-        """Class counts (num_classes,) of samples [0, num) of stream (seed, stage) around x."""
+        """Class counts (num_classes,) of samples [start, start + num) of stream (seed, stage) around x."""
         loaded = self.model(model_id)
         item = WorkItem(
-            model_id=model_id, x=x.to(loaded.device), sigma=loaded.manifest.sigma, seed=seed, stage=stage,
-            num=num, num_classes=loaded.manifest.num_classes, priority=priority, deadline=deadline,
+            model_id=model_id,
+            x=x.to(loaded.device),
+            sigma=loaded.manifest.sigma,
+            seed=seed,
+            stage=stage,
+            num=num,
+            num_classes=loaded.manifest.num_classes,
+            priority=priority,
+            start=start,
+            deadline=deadline,
         )
         future = self.scheduler.submit(item)
         counts = await asyncio.wrap_future(future)
@@ -65,21 +87,40 @@ class Engine:
         return time.monotonic() + self.timeout_s
 
     async def predict(
-        self, model_id: str, x: torch.Tensor, *, n: int, alpha: float, seed: int | None = None,
+        self,
+        model_id: str,
+        x: torch.Tensor,
+        *,
+        n: int,
+        alpha: float,
+        seed: int | None = None,
         priority: Priority = Priority.PREDICT,
     ) -> tuple[Prediction, Timing]:
         """PREDICT with the model's own σ; same seed → same samples as ``smoothing.core.predict``."""
         seed = new_seed() if seed is None else seed
         timing = Timing()
         counts = await self.count(
-            model_id, x, n, stage=ESTIMATION_STAGE, seed=seed, priority=priority, deadline=self._deadline(),
+            model_id,
+            x,
+            n,
+            stage=ESTIMATION_STAGE,
+            seed=seed,
+            priority=priority,
+            deadline=self._deadline(),
             timing=timing,
         )
         sigma = self.model(model_id).manifest.sigma
         return predict_from_counts(counts, alpha=alpha, sigma=sigma, seed=seed), timing
 
     async def certify(
-        self, model_id: str, x: torch.Tensor, *, n0: int, n: int, alpha: float, seed: int | None = None,
+        self,
+        model_id: str,
+        x: torch.Tensor,
+        *,
+        n0: int,
+        n: int,
+        alpha: float,
+        seed: int | None = None,
         priority: Priority = Priority.CERTIFY,
     ) -> tuple[Certificate, Timing]:
         """CERTIFY with the model's own σ: n0 selection samples, then n independent estimation samples."""
@@ -91,3 +132,34 @@ class Engine:
         estimation = await self.count(model_id, x, n, stage=ESTIMATION_STAGE, **common)
         sigma = self.model(model_id).manifest.sigma
         return certify_from_counts(selection, estimation, alpha=alpha, sigma=sigma, seed=seed), timing
+
+    async def run_sequential(
+        self,
+        model_id: str,
+        x: torch.Tensor,
+        procedure: Generator[SampleRequest, torch.Tensor, R],
+        *,
+        seed: int,
+        priority: Priority = Priority.CERTIFY,
+    ) -> tuple[R, Timing]:
+        """Drive a ``smoothing.sequential`` procedure with the scheduler: each look is one work item,
+        so a request that stops early frees its share of the device at once."""
+        timing = Timing()
+        deadline = self._deadline()
+        try:
+            request = next(procedure)
+            while True:
+                counts = await self.count(
+                    model_id,
+                    x,
+                    request.stop - request.start,
+                    stage=request.stage,
+                    start=request.start,
+                    seed=seed,
+                    priority=priority,
+                    deadline=deadline,
+                    timing=timing,
+                )
+                request = procedure.send(counts)
+        except StopIteration as finished:
+            return finished.value, timing

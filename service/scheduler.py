@@ -48,7 +48,7 @@ class DeadlineExceeded(Exception):
 
 @dataclass(eq=False)
 class WorkItem:
-    """Count the base classifier's predictions on samples [0, num) of stream (seed, stage) around x."""
+    """Count the base classifier's predictions on samples [start, start + num) of stream (seed, stage) around x."""
 
     model_id: str
     x: torch.Tensor  # (C, H, W) in [0, 1], on the model's device
@@ -58,6 +58,7 @@ class WorkItem:
     num: int
     num_classes: int
     priority: Priority
+    start: int = 0  # first sample index of the stream (sequential procedures continue a stream)
     deadline: float | None = None  # time.monotonic() seconds
     arrival: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)  # resolves to the counts, int64 (num_classes,)
@@ -65,6 +66,7 @@ class WorkItem:
     dispatched: int = 0  # samples handed to the executor so far
     counted: int = 0  # samples whose predictions came back
     first_dispatch: float | None = None
+    dropped: bool = False  # cancelled, expired or failed: its pending samples were already released
 
     def __post_init__(self) -> None:
         self.counts = torch.zeros(self.num_classes, dtype=torch.long)
@@ -88,7 +90,9 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, *, max_pending_samples: int, chunk_size: int = 4 * NOISE_BLOCK, batch_delay_s: float = 0.0) -> None:
+    def __init__(
+        self, *, max_pending_samples: int, chunk_size: int = 4 * NOISE_BLOCK, batch_delay_s: float = 0.0
+    ) -> None:
         if chunk_size % NOISE_BLOCK:
             raise ValueError(f"chunk_size must be a multiple of the noise block ({NOISE_BLOCK}), got {chunk_size}")
         if max_pending_samples <= 0 or batch_delay_s < 0:
@@ -140,9 +144,11 @@ class Scheduler:
             for item, chunk, row in zip(batch.items, batch.chunks, counts, strict=True):
                 item.counts += row
                 item.counted += chunk.size
-                if not item.future.done():
+                # A dropped item released all its samples, in-flight ones included. A cancelled one not yet
+                # dropped still holds them (testing future.done() here leaked a cancelled item's in-flight chunk).
+                if not item.dropped:
                     self._pending -= chunk.size
-                if item.counted == item.num:
+                if item.counted == item.num and not item.dropped:
                     _resolve(item.future, result=item.counts)
             if service_seconds > 0:
                 self._samples_per_s = 0.9 * self._samples_per_s + 0.1 * batch.size / service_seconds
@@ -176,7 +182,8 @@ class Scheduler:
                     if room == 0:
                         break
                     size = min(self.chunk_size, item.undispatched, room)
-                    chunks.append(Chunk(item.x, item.sigma, item.seed, item.stage, item.dispatched, item.dispatched + size))
+                    first = item.start + item.dispatched
+                    chunks.append(Chunk(item.x, item.sigma, item.seed, item.stage, first, first + size))
                     items.append(item)
                     item.dispatched += size
                     item.first_dispatch = item.first_dispatch or time.monotonic()
@@ -200,6 +207,7 @@ class Scheduler:
         queue = self._queues[item.priority]
         if item in queue:
             queue.remove(item)
+            item.dropped = True
             self._pending -= item.num - item.counted
             item.counted = item.num  # nothing more will be counted for it
             item.dispatched = item.num

@@ -1,0 +1,323 @@
+"""Where batch jobs live: one record per job, its input images, and one result per (job, image).
+
+Two stores behind one protocol: ``SqliteJobStore`` (an embedded file, the default) and
+``RedisJobStore``. Results are written idempotently (INSERT OR IGNORE / HSETNX): an image that
+is certified twice (a resumed job, a redelivered worker message) is recorded and counted once.
+A job leaves ``queued``/``running`` at most once; its input images are dropped when it does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import redis.asyncio as aioredis
+import torch
+
+from service.uploads import ParsedUpload
+
+ACTIVE_STATES = ("queued", "running")
+FINAL_STATES = ("done", "cancelled", "failed")
+STATES = ACTIVE_STATES + FINAL_STATES
+REDIS_PREFIX = "certserve:job:"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    owner: str | None  # sha256 (hex) of the creator's API key; None when authentication is off
+    model_id: str
+    n0: int
+    n: int
+    alpha: float
+    seed: int  # image idx is sampled with seed image_seed(seed, idx)
+    total: int  # number of images
+    state: str = "queued"
+    created: float = 0.0  # unix seconds
+    updated: float = 0.0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """Aggregates of a job's results so far."""
+
+    done: int
+    abstentions: int
+    seconds: float  # per-image wall-clock time, summed
+
+
+class JobStore(Protocol):
+    async def create(self, job: JobRecord, inputs: ParsedUpload) -> None: ...
+    async def get(self, job_id: str) -> JobRecord | None: ...
+    async def inputs(self, job_id: str) -> ParsedUpload | None: ...
+    async def set_state(self, job_id: str, state: str, error: str | None = None) -> bool:
+        """Move an unfinished job to ``state``; False (and no change) if it is unknown or already finished."""
+        ...
+
+    async def put_result(self, job_id: str, row: dict[str, Any]) -> bool:
+        """Store ``row`` (with keys idx, abstained, time) unless image ``row['idx']`` has one; True if stored."""
+        ...
+
+    async def results(self, job_id: str) -> list[dict[str, Any]]: ...
+    async def done_indices(self, job_id: str) -> set[int]: ...
+    async def summary(self, job_id: str) -> JobSummary: ...
+    async def unfinished(self) -> list[str]: ...
+    async def count_by_state(self) -> dict[str, int]: ...
+    async def close(self) -> None: ...
+
+
+def encode_inputs(inputs: ParsedUpload) -> bytes:
+    """The inputs as a compressed .npz; images as uint8 when that is exact (decoded 8-bit images), else float32."""
+    images = inputs.images.contiguous()
+    as_bytes = images.mul(255.0).round_().to(torch.uint8)
+    exact = torch.equal(as_bytes.to(torch.float32).div_(255.0), images)
+    arrays = {"images": (as_bytes if exact else images).numpy(), "names": np.array(inputs.names, dtype=str)}
+    if inputs.labels is not None:
+        arrays["labels"] = np.array(inputs.labels, dtype=np.int64)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def decode_inputs(blob: bytes) -> ParsedUpload:
+    """Inverse of ``encode_inputs``; the images come back bit for bit."""
+    with np.load(io.BytesIO(blob), allow_pickle=False) as arrays:
+        images = torch.from_numpy(arrays["images"])
+        labels = [int(v) for v in arrays["labels"]] if "labels" in arrays else None
+        names = [str(v) for v in arrays["names"]]
+    if images.dtype == torch.uint8:
+        images = images.to(torch.float32).div_(255.0)
+    return ParsedUpload(images, labels, names)
+
+
+# -- SQLite ----------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, owner TEXT, model_id TEXT NOT NULL, n0 INTEGER NOT NULL, n INTEGER NOT NULL,
+    alpha REAL NOT NULL, seed INTEGER NOT NULL, total INTEGER NOT NULL, state TEXT NOT NULL,
+    created REAL NOT NULL, updated REAL NOT NULL, error TEXT
+);
+CREATE TABLE IF NOT EXISTS job_inputs (job_id TEXT PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS job_results (
+    job_id TEXT NOT NULL, idx INTEGER NOT NULL, abstained INTEGER NOT NULL, seconds REAL NOT NULL,
+    row TEXT NOT NULL, PRIMARY KEY (job_id, idx)
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+"""
+_JOB_COLUMNS = "id, owner, model_id, n0, n, alpha, seed, total, state, created, updated, error"
+_ACTIVE_SQL = "('queued', 'running')"
+
+
+class SqliteJobStore:
+    """Jobs in one SQLite file (WAL mode), which survives restarts. Calls run in threads, one at a time."""
+
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False)
+        self._lock = threading.Lock()
+        self._db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+        self._db.executescript(_SCHEMA)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        def locked() -> T:
+            with self._lock, self._db:  # one transaction per call, committed on success
+                return fn(*args)
+
+        return await asyncio.to_thread(locked)
+
+    async def create(self, job: JobRecord, inputs: ParsedUpload) -> None:
+        blob = await asyncio.to_thread(encode_inputs, inputs)
+
+        def insert() -> None:
+            values = [getattr(job, c) for c in _JOB_COLUMNS.split(", ")]
+            self._db.execute(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * len(values))})", values)
+            self._db.execute("INSERT INTO job_inputs (job_id, data) VALUES (?, ?)", (job.id, blob))
+
+        await self._call(insert)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?"
+        row = await self._call(lambda: self._db.execute(sql, (job_id,)).fetchone())
+        return None if row is None else JobRecord(*row)
+
+    async def inputs(self, job_id: str) -> ParsedUpload | None:
+        sql = "SELECT data FROM job_inputs WHERE job_id = ?"
+        row = await self._call(lambda: self._db.execute(sql, (job_id,)).fetchone())
+        return None if row is None else await asyncio.to_thread(decode_inputs, row[0])
+
+    async def set_state(self, job_id: str, state: str, error: str | None = None) -> bool:
+        def update() -> bool:
+            changed = self._db.execute(
+                f"UPDATE jobs SET state = ?, updated = ?, error = COALESCE(?, error) "
+                f"WHERE id = ? AND state IN {_ACTIVE_SQL}",
+                (state, time.time(), error, job_id),
+            ).rowcount
+            if changed and state in FINAL_STATES:
+                self._db.execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
+            return changed == 1
+
+        return await self._call(update)
+
+    async def put_result(self, job_id: str, row: dict[str, Any]) -> bool:
+        values = (job_id, row["idx"], int(row["abstained"]), row["time"], json.dumps(row))
+        sql = "INSERT OR IGNORE INTO job_results (job_id, idx, abstained, seconds, row) VALUES (?, ?, ?, ?, ?)"
+        return await self._call(lambda: self._db.execute(sql, values).rowcount == 1)
+
+    async def results(self, job_id: str) -> list[dict[str, Any]]:
+        sql = "SELECT row FROM job_results WHERE job_id = ? ORDER BY idx"
+        rows = await self._call(lambda: self._db.execute(sql, (job_id,)).fetchall())
+        return [json.loads(r[0]) for r in rows]
+
+    async def done_indices(self, job_id: str) -> set[int]:
+        sql = "SELECT idx FROM job_results WHERE job_id = ?"
+        rows = await self._call(lambda: self._db.execute(sql, (job_id,)).fetchall())
+        return {r[0] for r in rows}
+
+    async def summary(self, job_id: str) -> JobSummary:
+        sql = (
+            "SELECT COUNT(*), COALESCE(SUM(abstained), 0), COALESCE(SUM(seconds), 0.0) "
+            "FROM job_results WHERE job_id = ?"
+        )
+        done, abstentions, seconds = await self._call(lambda: self._db.execute(sql, (job_id,)).fetchone())
+        return JobSummary(done, abstentions, seconds)
+
+    async def unfinished(self) -> list[str]:
+        sql = f"SELECT id FROM jobs WHERE state IN {_ACTIVE_SQL} ORDER BY created"
+        return [r[0] for r in await self._call(lambda: self._db.execute(sql).fetchall())]
+
+    async def count_by_state(self) -> dict[str, int]:
+        rows = await self._call(lambda: self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        return {state: 0 for state in STATES} | dict(rows)
+
+    async def close(self) -> None:
+        def close() -> None:
+            with self._lock:
+                self._db.close()
+
+        await asyncio.to_thread(close)
+
+
+# -- Redis -----------------------------------------------------------------------------------
+
+# Atomic, so that a result and the counters it moves are written together or not at all.
+_PUT_RESULT = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], 'done', 1)
+redis.call('HINCRBY', KEYS[2], 'abstentions', ARGV[3])
+redis.call('HINCRBYFLOAT', KEYS[2], 'seconds', ARGV[4])
+return 1
+"""
+# KEYS: job hash, active set, state counts, inputs. ARGV: new state, unix time, error ('' = keep), job id.
+_SET_STATE = """
+local current = redis.call('HGET', KEYS[1], 'state')
+if current ~= 'queued' and current ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'updated', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[3]) end
+if current ~= ARGV[1] then
+  redis.call('HINCRBY', KEYS[3], current, -1)
+  redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+end
+if ARGV[1] ~= 'queued' and ARGV[1] ~= 'running' then
+  redis.call('SREM', KEYS[2], ARGV[4])
+  redis.call('DEL', KEYS[4])
+end
+return 1
+"""
+
+
+class RedisJobStore:
+    """Jobs in Redis under ``certserve:job:``: ``<id>`` (record hash with done/abstentions/seconds
+    counters), ``<id>:results`` (idx → JSON row), ``<id>:inputs`` (.npz), plus ``active`` (set of
+    unfinished ids) and ``states`` (job counts per state)."""
+
+    def __init__(self, url: str) -> None:
+        self._redis = aioredis.from_url(url)
+        self._put_result = self._redis.register_script(_PUT_RESULT)
+        self._set_state = self._redis.register_script(_SET_STATE)
+
+    @staticmethod
+    def _key(job_id: str, part: str = "") -> str:
+        return f"{REDIS_PREFIX}{job_id}{':' + part if part else ''}"
+
+    async def create(self, job: JobRecord, inputs: ParsedUpload) -> None:
+        blob = await asyncio.to_thread(encode_inputs, inputs)
+        fields = {k: v for k, v in vars(job).items() if v is not None}
+        fields |= {"done": 0, "abstentions": 0, "seconds": 0.0}
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key(job.id), mapping=fields)
+            pipe.set(self._key(job.id, "inputs"), blob)
+            pipe.sadd(self._key("active"), job.id)
+            pipe.hincrby(self._key("states"), job.state, 1)
+            await pipe.execute()
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        raw = await self._redis.hgetall(self._key(job_id))
+        if not raw:
+            return None
+        f = {k.decode(): v.decode() for k, v in raw.items()}
+        return JobRecord(
+            id=f["id"],
+            owner=f.get("owner"),
+            model_id=f["model_id"],
+            n0=int(f["n0"]),
+            n=int(f["n"]),
+            alpha=float(f["alpha"]),
+            seed=int(f["seed"]),
+            total=int(f["total"]),
+            state=f["state"],
+            created=float(f["created"]),
+            updated=float(f["updated"]),
+            error=f.get("error"),
+        )
+
+    async def inputs(self, job_id: str) -> ParsedUpload | None:
+        blob = await self._redis.get(self._key(job_id, "inputs"))
+        return None if blob is None else await asyncio.to_thread(decode_inputs, blob)
+
+    async def set_state(self, job_id: str, state: str, error: str | None = None) -> bool:
+        keys = [self._key(job_id), self._key("active"), self._key("states"), self._key(job_id, "inputs")]
+        return bool(await self._set_state(keys=keys, args=[state, time.time(), error or "", job_id]))
+
+    async def put_result(self, job_id: str, row: dict[str, Any]) -> bool:
+        keys = [self._key(job_id, "results"), self._key(job_id)]
+        args = [row["idx"], json.dumps(row), int(row["abstained"]), row["time"]]
+        return bool(await self._put_result(keys=keys, args=args))
+
+    async def results(self, job_id: str) -> list[dict[str, Any]]:
+        rows = [json.loads(v) for v in (await self._redis.hgetall(self._key(job_id, "results"))).values()]
+        return sorted(rows, key=lambda r: r["idx"])
+
+    async def done_indices(self, job_id: str) -> set[int]:
+        return {int(k) for k in await self._redis.hkeys(self._key(job_id, "results"))}
+
+    async def summary(self, job_id: str) -> JobSummary:
+        done, abstentions, seconds = await self._redis.hmget(self._key(job_id), ["done", "abstentions", "seconds"])
+        return JobSummary(int(done or 0), int(abstentions or 0), float(seconds or 0.0))
+
+    async def unfinished(self) -> list[str]:
+        ids = [v.decode() for v in await self._redis.smembers(self._key("active"))]
+        created = [await self._redis.hget(self._key(i), "created") for i in ids]
+        return [i for c, i in sorted(zip(created, ids, strict=True), key=lambda p: float(p[0] or 0))]
+
+    async def count_by_state(self) -> dict[str, int]:
+        raw = await self._redis.hgetall(self._key("states"))
+        return {state: 0 for state in STATES} | {k.decode(): int(v) for k, v in raw.items()}
+
+    async def ping(self) -> bool:
+        return bool(await self._redis.ping())
+
+    async def close(self) -> None:
+        await self._redis.aclose()

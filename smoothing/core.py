@@ -134,6 +134,7 @@ def predict(
     channels_last: bool = False,
 ) -> Prediction:
     """PREDICT(f, σ, x, n, α). x: (C, H, W) in [0, 1]. Draws n samples from the estimation stream."""
+    _check_alpha(alpha)  # before sampling, so a bad request costs no forward passes
     seed = new_seed() if seed is None else seed
     counts = sample_counts(
         model, x, n, sigma=sigma, num_classes=num_classes, batch_size=batch_size,
@@ -159,6 +160,7 @@ def certify(
 
     Selection and estimation samples come from independent noise streams of the same seed.
     """
+    _check_alpha(alpha)  # before sampling, so a bad request costs no forward passes
     seed = new_seed() if seed is None else seed
     common = dict(sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=seed, channels_last=channels_last)
     selection = sample_counts(model, x, n0, stage=SELECTION_STAGE, **common)

@@ -38,7 +38,14 @@ def block_seed(seed: int, stage: int, block: int) -> int:
 def stream_noise(
     shape: tuple[int, ...], seed: int, stage: int, start: int, stop: int, device: torch.device
 ) -> torch.Tensor:
-    """Standard normal noise for samples [start, stop) of a stream: tensor (stop - start, *shape) on ``device``."""
+    """Standard normal noise for samples [start, stop) of a stream: tensor (stop - start, *shape) on ``device``.
+
+    Needs 0 ≤ start ≤ stop; an empty range gives an empty tensor.
+    """
+    if not 0 <= start <= stop:
+        raise ValueError(f"need 0 <= start <= stop, got start={start}, stop={stop}")
+    if start == stop:
+        return torch.empty((0, *shape), device=device)
     first, last = start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK
     generator = torch.Generator(device=device)
     blocks = []
@@ -76,6 +83,14 @@ def noisy_batch(chunks: list[Chunk], device: torch.device, channels_last: bool =
     return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer; CPU for a model that has neither."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
 @torch.inference_mode()
 def count_chunks(
     model: nn.Module, chunks: list[Chunk], num_classes: int, channels_last: bool = False
@@ -84,10 +99,15 @@ def count_chunks(
 
     Row i holds how often the base classifier gave each class on chunk i's samples; row sums
     equal the chunk sizes. Counting is one ``bincount`` on the model's device, no loop per sample.
+    Raises ValueError if the model emits more than ``num_classes`` logits.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     batch = noisy_batch(chunks, device, channels_last)
-    predictions = model(batch).argmax(dim=1)  # (B,)
+    logits = model(batch)  # (B, classes)
+    # A class index ≥ num_classes would land in the next chunk's row of the flat bincount.
+    if logits.shape[1] > num_classes:
+        raise ValueError(f"model gives {logits.shape[1]} logits but num_classes is {num_classes}")
+    predictions = logits.argmax(dim=1)  # (B,)
     sizes = torch.tensor([c.size for c in chunks], device=device)
     segment = torch.repeat_interleave(torch.arange(len(chunks), device=device), sizes)  # (B,)
     flat = torch.bincount(segment * num_classes + predictions, minlength=len(chunks) * num_classes)
@@ -111,9 +131,11 @@ def sample_counts(
 
     x: (C, H, W) in [0, 1] pixel space. Uses samples [start, start + num) of the stream
     (seed, stage), in batches of at most ``batch_size``. Returns int64 counts (num_classes,) that
-    sum to ``num``.
+    sum to ``num``. Raises ValueError if num < 0 or batch_size < 1.
     """
-    device = next(model.parameters()).device
+    if num < 0 or batch_size < 1:
+        raise ValueError(f"need num >= 0 and batch_size >= 1, got num={num}, batch_size={batch_size}")
+    device = model_device(model)
     x = x.to(device)
     counts = torch.zeros(num_classes, dtype=torch.long)
     for lo in range(start, start + num, batch_size):

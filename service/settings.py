@@ -16,6 +16,11 @@ from models.registry import DEFAULT_ROOT
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CERTSERVE_", env_file=None)
 
+    # network
+    host: str = Field("127.0.0.1", description="address `python -m service` listens on (0.0.0.0 for all interfaces)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port `python -m service` listens on")
+    shutdown_grace_s: float = Field(30.0, gt=0, description="on SIGTERM, wait this long for requests in flight")
+
     # models and device
     model_dir: Path = Field(DEFAULT_ROOT, description="registry folder of checkpoints (manifest.json + weights.pt)")
     models: list[str] = Field(default_factory=list, description="model ids to load; empty = every model in model_dir")
@@ -40,7 +45,9 @@ class Settings(BaseSettings):
     default_alpha: float = Field(0.001, gt=0, lt=0.5)
 
     # state
-    redis_url: str | None = Field(None, description="e.g. redis://127.0.0.1:6379/0; unset = in-process cache and SQLite jobs")
+    redis_url: str | None = Field(
+        None, description="e.g. redis://127.0.0.1:6379/0; unset = in-process cache and SQLite jobs"
+    )
     cache_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="certificate cache time-to-live")
     cache_size: int = Field(10_000, gt=0, description="entries of the in-process LRU cache (no Redis)")
     job_db: Path = Field(Path("state/jobs.sqlite3"), description="SQLite job store when Redis is not configured")

@@ -33,21 +33,36 @@ def bucket_bounds(histogram_name: str) -> list[float]:
 
 def work_item(model_id: str, num: int) -> WorkItem:
     return WorkItem(
-        model_id=model_id, x=torch.zeros(1, 4, 4), sigma=0.25, seed=0, stage=0, num=num, num_classes=10,
+        model_id=model_id,
+        x=torch.zeros(1, 4, 4),
+        sigma=0.25,
+        seed=0,
+        stage=0,
+        num=num,
+        num_classes=10,
         priority=Priority.PREDICT,
     )
 
 
 def certificate(label: int | None, radius: float) -> Certificate:
     return Certificate(
-        label=label, radius=radius, p_a_lower=0.9 if label is not None else 0.4, top_class=2,
-        selection_counts=(0, 0, 100), estimation_counts=(0, 10, 990), n0=100, n=1000, alpha=0.001, sigma=0.25,
+        label=label,
+        radius=radius,
+        p_a_lower=0.9 if label is not None else 0.4,
+        top_class=2,
+        selection_counts=(0, 0, 100),
+        estimation_counts=(0, 10, 990),
+        n0=100,
+        n=1000,
+        alpha=0.001,
+        sigma=0.25,
     )
 
 
 def prediction(label: int | None) -> Prediction:
-    return Prediction(label=label, p_value=1e-9 if label is not None else 0.5, counts=(0, 5, 995), n=1000,
-                      alpha=0.001, sigma=0.25)
+    return Prediction(
+        label=label, p_value=1e-9 if label is not None else 0.5, counts=(0, 5, 995), n=1000, alpha=0.001, sigma=0.25
+    )
 
 
 def test_record_batch_counts_samples_and_passes() -> None:

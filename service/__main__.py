@@ -1,0 +1,26 @@
+"""``python -m service``: serve the API with uvicorn on CERTSERVE_HOST:CERTSERVE_PORT."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def main() -> None:
+    settings = Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+        log_level="info",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The FastAPI application: lifespan wiring, the body-size guard and the JSON error answers.
+
+``create_app(settings)`` returns an app whose lifespan loads the models, starts the scheduler's
+executor thread, the certificate cache and the job runner, and stops them in reverse order.
+Every error is answered as JSON ``{"detail": "..."}``; bad input never gives a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import api, metrics, routes_health, routes_jobs, routes_models
+from service.api import ClientDisconnected
+from service.cache import make_cache
+from service.decoding import DecodeError
+from service.engine import Engine, UnknownModel
+from service.executor import Executor, load_models, pick_device
+from service.jobs import JobRunner, RedisJobStore, SqliteJobStore, UploadError
+from service.scheduler import DeadlineExceeded, QueueFull, Scheduler
+from service.schemas import RADIUS_UNITS
+from service.settings import Settings
+from service.state import Services
+
+log = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer; nobody reads it
+
+DESCRIPTION = (
+    "Certified predictions by randomized smoothing (Cohen, Rosenfeld & Kolter, ICML 2019). "
+    "PREDICT returns the smoothed classifier's label or abstains; CERTIFY also returns a radius within which "
+    "the label provably cannot change, each with probability at least 1 - α. " + RADIUS_UNITS
+)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    device = pick_device(settings.device)
+    # Loading measures each model's best batch size (seconds of forward passes): keep it off the event loop.
+    models = await asyncio.to_thread(
+        load_models,
+        settings.model_dir,
+        settings.models,
+        device,
+        max_batch=settings.max_batch,
+        tuning_cache=settings.tuning_cache,
+    )
+    if not models:
+        raise RuntimeError(f"no models found in {settings.model_dir} (set CERTSERVE_MODEL_DIR or CERTSERVE_MODELS)")
+    scheduler = Scheduler(
+        max_pending_samples=settings.max_pending_samples, batch_delay_s=settings.batch_delay_ms / 1000.0
+    )
+    executor = Executor(scheduler, models, on_batch=metrics.record_batch)
+    executor.start()
+    metrics.track_pending(scheduler)
+    engine = Engine(scheduler, models, timeout_s=settings.request_timeout_s)
+    cache = make_cache(settings)
+    store = RedisJobStore(settings.redis_url) if settings.redis_url else SqliteJobStore(settings.job_db)
+    jobs = JobRunner(store, engine)
+    await jobs.start()
+    app.state.services = Services(settings, scheduler, executor, engine, cache, jobs)
+    log.info("serving %s on %s", ", ".join(models), device)
+    try:
+        yield
+    finally:
+        await jobs.stop()  # first: its in-flight work needs the executor to finish or be cancelled
+        executor.stop()
+        await cache.close()
+
+
+# -- request body limit ---------------------------------------------------------------------------
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body larger than the limit of {limit} bytes")
+        self.limit = limit
+
+
+class BodyLimit:
+    """ASGI middleware refusing bodies above ``limit_for(scope)`` bytes with 413.
+
+    A declared Content-Length is checked before anything is read; a body sent without one (or
+    longer than declared) is counted while the route reads it, which then raises BodyTooLarge.
+    """
+
+    def __init__(self, app: ASGIApp, *, limit_for: Callable[[Scope], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:  # servers reject malformed ones
+            await detail(413, str(BodyTooLarge(limit)))(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def body_limit_for(settings: Settings) -> Callable[[Scope], int]:
+    """Job uploads get ``max_job_bytes``; every other request ``max_body_bytes``."""
+
+    def limit_for(scope: Scope) -> int:
+        is_job_upload = scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/v1/jobs"
+        return settings.max_job_bytes if is_job_upload else settings.max_body_bytes
+
+    return limit_for
+
+
+# -- errors as {"detail": "..."} ------------------------------------------------------------------
+
+
+def describe_validation(errors: list[dict[str, Any]]) -> str:
+    """pydantic/FastAPI validation errors as one line: 'alpha: Input should be less than 0.5 (got 0.7); ...'."""
+    parts = []
+    for error in errors:
+        location = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path")) or "body"
+        text = f"{location}: {error.get('msg', 'invalid')}"
+        value = error.get("input")
+        if error.get("type") != "json_invalid" and isinstance(value, int | float | str) and len(str(value)) <= 40:
+            text += f" (got {value!r})"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def detail(status_code: int, text: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": text}, status_code=status_code, headers=headers)
+
+
+def add_error_handlers(app: FastAPI, settings: Settings) -> None:
+    async def validation(request: Request, error: RequestValidationError) -> Response:
+        return detail(422, describe_validation(list(error.errors())))
+
+    async def decode_error(request: Request, error: DecodeError | UploadError) -> Response:
+        return detail(error.status_code, error.message)
+
+    async def unknown_model(request: Request, error: UnknownModel) -> Response:
+        known = ", ".join(request.app.state.services.engine.models)
+        return detail(404, f"unknown model {error.args[0]!r}; loaded models: {known}")
+
+    async def queue_full(request: Request, error: QueueFull) -> Response:
+        return detail(503, f"server busy: {error}", headers={"Retry-After": str(error.retry_after_s)})
+
+    async def deadline(request: Request, error: DeadlineExceeded) -> Response:
+        return detail(
+            504,
+            f"the request did not finish within {settings.request_timeout_s:g} s; its remaining work was "
+            f"dropped ({error})",
+        )
+
+    async def too_large(request: Request, error: BodyTooLarge) -> Response:
+        return detail(413, str(error))
+
+    async def disconnected(request: Request, error: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    async def unexpected(request: Request, error: Exception) -> Response:
+        # A bug, never bad input: logged with its traceback (uvicorn logs it too), answered as JSON.
+        log.error("unhandled %s on %s %s", type(error).__name__, request.method, request.url.path)
+        return detail(500, f"internal error ({type(error).__name__}); the request may be retried")
+
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(DecodeError, decode_error)
+    app.add_exception_handler(UploadError, decode_error)
+    app.add_exception_handler(UnknownModel, unknown_model)
+    app.add_exception_handler(QueueFull, queue_full)
+    app.add_exception_handler(DeadlineExceeded, deadline)
+    app.add_exception_handler(BodyTooLarge, too_large)
+    app.add_exception_handler(ClientDisconnected, disconnected)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service as an ASGI app; ``settings`` default to the environment's (CERTSERVE_*)."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="certserve",
+        summary="Certified predictions by randomized smoothing",
+        description=DESCRIPTION,
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(api.router)
+    app.include_router(routes_models.router)
+    app.include_router(routes_jobs.router)
+    app.include_router(routes_health.router)
+    add_error_handlers(app, settings)
+    app.add_middleware(BodyLimit, limit_for=body_limit_for(settings))
+    return app

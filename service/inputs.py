@@ -1,0 +1,106 @@
+"""Reading a request's input: multipart or JSON bodies, parameter bounds, and decoding off the event loop.
+
+Every problem is raised as an HTTP-mapped exception (HTTPException, RequestValidationError,
+DecodeError, UnknownModel), so bad input is answered with a 4xx and a message, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from service.decoding import DecodeError, decode_array, decode_base64, decode_image
+from service.executor import LoadedModel
+from service.schemas import CommonParams
+from service.settings import Settings
+from service.state import Services
+
+MAX_FORM_FIELDS = 16
+
+P = TypeVar("P", bound=CommonParams)
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Payload:
+    """The input as sent: encoded image bytes (as such or in base64), or raw values with their shape."""
+
+    image: bytes | None = None
+    image_base64: str | None = None
+    array: list | None = None
+    shape: list[int] | None = None
+
+
+def validated(model: type[M], data: dict[str, Any] | bytes) -> M:
+    """``data`` (form fields, or JSON bytes) as ``model``; a RequestValidationError (422) if invalid.
+
+    Only request parsing turns pydantic errors into 422: one anywhere else is a server bug (500).
+    """
+    try:
+        return model.model_validate_json(data) if isinstance(data, bytes) else model.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+
+
+async def read_form(request: Request, params: type[M]) -> tuple[M, str, bytes]:
+    """A multipart body: its fields validated as ``params``, and the name and bytes of its file 'file'."""
+    async with request.form(max_files=1, max_fields=MAX_FORM_FIELDS) as form:  # closes spooled files on exit
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(422, "a multipart request needs a file upload in the field 'file'")
+        # Empty form fields mean "use the default", as an HTML form sends them.
+        fields = {k: v for k, v in form.multi_items() if k != "file" and v != ""}
+        filename, data = upload.filename or "", await upload.read()
+    return validated(params, fields), filename, data
+
+
+def media_type_of(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_input(request: Request, params: type[P], json_body: type[P]) -> tuple[P, Payload]:
+    """The parameters and the input of a predict/certify request, multipart or JSON."""
+    media_type = media_type_of(request)
+    if media_type == "multipart/form-data":
+        form_params, _, data = await read_form(request, params)
+        return form_params, Payload(image=data)
+    if media_type == "application/json" or media_type.endswith("+json"):
+        body = validated(json_body, await request.body())
+        return body, Payload(image_base64=body.image_base64, array=body.array, shape=body.shape)
+    raise HTTPException(
+        415,
+        f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data with the image in "
+        "'file', or application/json with image_base64 or array + shape",
+    )
+
+
+def bounded(name: str, value: int, maximum: int) -> int:
+    """``value`` if at most ``maximum``, else a 422 naming the limit."""
+    if value > maximum:
+        raise HTTPException(422, f"{name} = {value} is above the service's limit of {maximum} (CERTSERVE_MAX_N)")
+    return value
+
+
+def decode_payload(payload: Payload, loaded: LoadedModel, settings: Settings, resize: bool) -> torch.Tensor:
+    """The model input (C, H, W) in [0, 1]; DecodeError for bad input. CPU work: run it off the event loop."""
+    input_shape = loaded.manifest.input_shape
+    image = decode_base64(payload.image_base64) if payload.image_base64 is not None else payload.image
+    if image is not None:
+        return decode_image(image, input_shape=input_shape, max_pixels=settings.max_image_pixels, resize=resize)
+    if payload.array is None or payload.shape is None:
+        raise DecodeError(422, "no input: give image_base64, or array with shape")
+    return decode_array(payload.array, payload.shape, input_shape=input_shape, resize=resize)
+
+
+async def prepare(svc: Services, params: CommonParams, payload: Payload) -> tuple[LoadedModel, torch.Tensor]:
+    """The model the request names (404 if unknown) and the decoded input."""
+    loaded = svc.engine.model(params.model or svc.default_model)
+    x = await asyncio.to_thread(decode_payload, payload, loaded, svc.settings, params.resize)
+    return loaded, x

@@ -1,0 +1,111 @@
+"""The /v1/jobs routes: certify a whole uploaded set of images in the background.
+
+The routes only validate and delegate: ``service.jobs`` parses the upload (zip, tar or .npz),
+stores the job and runs it through the engine at the lowest priority. A job is visible only to
+the API key that created it; another key gets the same 404 as a job that does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from service.api import ERROR_RESPONSES, form_schema
+from service.auth import Caller, require_key
+from service.inputs import bounded, media_type_of, read_form
+from service.jobs import parse_upload, results_tsv
+from service.schemas import JobCreated, JobParams
+from service.state import services
+from smoothing.sampling import new_seed
+
+router = APIRouter(prefix="/v1/jobs", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES, tags=["jobs"])
+
+JOB_FILE = "a .zip or .tar(.gz) of images, or an .npz with `images` and optional `labels`"
+JOB_FORM_DOC = {
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form_schema(JobParams, JOB_FILE)}}}
+}
+
+
+def job_not_found(job_id: str) -> HTTPException:
+    return HTTPException(404, f"no job {job_id!r} (it does not exist, or another API key created it)")
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobCreated,
+    summary="Start certifying a set of images",
+    description="Upload a zip or tar of images, or an .npz holding `images` (N,H,W), (N,H,W,C) or (N,C,H,W) and "
+    "optional `labels`; every image is certified with n0, n and α. Answers 202 with the job's id and URLs.",
+    openapi_extra=JOB_FORM_DOC,
+)
+async def create_job(request: Request, caller: Caller) -> JSONResponse:
+    svc = services(request)
+    settings = svc.settings
+    if media_type_of(request) != "multipart/form-data":
+        raise HTTPException(415, "send the image set as multipart/form-data in the field 'file'")
+    params, filename, data = await read_form(request, JobParams)
+    n0 = bounded("n0", params.n0 or settings.default_n0, settings.max_n)
+    n = bounded("n", params.n or settings.default_n, settings.max_n)
+    alpha = settings.default_alpha if params.alpha is None else params.alpha
+    seed = new_seed() if params.seed is None else params.seed
+    loaded = svc.engine.model(params.model or svc.default_model)
+    parsed = await asyncio.to_thread(
+        parse_upload,
+        filename,
+        data,
+        input_shape=loaded.manifest.input_shape,
+        max_images=settings.max_job_images,
+        max_pixels=settings.max_image_pixels,
+        max_total_bytes=settings.max_job_bytes,
+    )
+    try:
+        job_id = await svc.jobs.create(caller, parsed, loaded.manifest.id, n0, n, alpha, seed)
+    except ValueError as e:  # inputs that parse_upload let through but the runner refuses
+        raise HTTPException(422, str(e)) from None
+    status_url = f"/v1/jobs/{job_id}"
+    created = JobCreated(id=job_id, status_url=status_url, results_url=f"{status_url}/results")
+    return JSONResponse(created.model_dump(), status_code=202, headers={"Location": status_url})
+
+
+@router.get("/{job_id}", summary="A job's state and progress (done/total, abstentions, estimated seconds left)")
+async def job_status(request: Request, job_id: str, caller: Caller) -> dict[str, Any]:
+    status = await services(request).jobs.status(job_id, caller)
+    if status is None:
+        raise job_not_found(job_id)
+    return {"id": job_id, **status}
+
+
+@router.get(
+    "/{job_id}/results",
+    summary="A job's per-image certificates so far, as JSON or as the paper's TSV",
+    description="TSV columns: idx, label (-1 when the upload had no labels), predict (-1 = abstained), radius "
+    "(ℓ2, [0, 1] pixel space at the model's input resolution), correct, time (seconds).",
+    response_model=None,
+)
+async def job_results(
+    request: Request,
+    job_id: str,
+    caller: Caller,
+    format: Annotated[Literal["json", "tsv"], Query(description="json or tsv")] = "json",
+) -> dict[str, Any] | PlainTextResponse:
+    jobs = services(request).jobs
+    status = await jobs.status(job_id, caller)
+    if status is None:
+        raise job_not_found(job_id)
+    rows = await jobs.results(job_id, caller)
+    if format == "tsv":
+        return PlainTextResponse(results_tsv(rows), media_type="text/tab-separated-values")
+    return {"id": job_id, "state": status["state"], "results": rows}
+
+
+@router.delete("/{job_id}", summary="Cancel a job (finished images keep their results)")
+async def cancel_job(request: Request, job_id: str, caller: Caller) -> dict[str, Any]:
+    jobs = services(request).jobs
+    if await jobs.status(job_id, caller) is None:
+        raise job_not_found(job_id)
+    cancelled = await jobs.cancel(job_id, caller)
+    return {"id": job_id, "cancelled": cancelled, **(await jobs.status(job_id, caller) or {})}

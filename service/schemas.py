@@ -1,0 +1,162 @@
+"""Request and response bodies of the HTTP API (pydantic v2); their descriptions become the /docs page.
+
+Parameters left out take the service's configured defaults (CERTSERVE_DEFAULT_*), and sample
+counts are bounded by CERTSERVE_MAX_N; the numbers quoted below are the shipped defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RADIUS_UNITS = (
+    "Radii are ℓ2 distances in [0, 1] pixel space at the model's input resolution (C×H×W): the certificate "
+    "holds for every perturbation δ of the decoded, possibly resized, input with ‖δ‖₂ < radius."
+)
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what was wrong, in one sentence")
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+class CommonParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="model id (see GET /v1/models); default: the first loaded model")
+    alpha: float | None = Field(
+        None, gt=0, lt=0.5, description="failure probability α in (0, 0.5); default 0.001 (CERTSERVE_DEFAULT_ALPHA)"
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        lt=2**63,
+        description="seed of the noise; the same seed gives the same samples as the library's predict/certify. "
+        "Default: a fresh random seed, returned in the answer",
+    )
+    resize: bool = Field(
+        False, description="resample an image or array of another height/width to the model's (bilinear)"
+    )
+
+
+class PredictParams(CommonParams):
+    n: int | None = Field(
+        None, ge=1, description="noise samples; default 1,000 (CERTSERVE_DEFAULT_PREDICT_N), at most CERTSERVE_MAX_N"
+    )
+
+
+class CertifyParams(CommonParams):
+    n0: int | None = Field(
+        None, ge=1, description="selection samples; default 100 (CERTSERVE_DEFAULT_N0), at most CERTSERVE_MAX_N"
+    )
+    n: int | None = Field(
+        None, ge=1, description="estimation samples; default 100,000 (CERTSERVE_DEFAULT_N), at most CERTSERVE_MAX_N"
+    )
+
+
+class ImageInput(BaseModel):
+    """The input in a JSON body: an encoded image, or raw pixel values with their shape."""
+
+    image_base64: str | None = Field(None, description="an image file (PNG, JPEG, ...) encoded as base64")
+    array: list[Any] | None = Field(
+        None, description="pixel values in [0, 1], flat (row-major) or nested, matching `shape`"
+    )
+    shape: list[int] | None = Field(None, description="shape of `array`: [C, H, W], or [H, W] for one channel")
+
+    @model_validator(mode="after")
+    def one_input(self) -> ImageInput:
+        if (self.image_base64 is None) == (self.array is None):
+            raise ValueError("give exactly one of image_base64 or array (with shape)")
+        if self.array is not None and self.shape is None:
+            raise ValueError("array needs its shape, e.g. [1, 28, 28]")
+        return self
+
+
+class PredictJson(ImageInput, PredictParams):
+    """POST /v1/predict as application/json."""
+
+
+class CertifyJson(ImageInput, CertifyParams):
+    """POST /v1/certify as application/json."""
+
+
+# -- answers -------------------------------------------------------------------------------------
+
+
+class Answer(BaseModel):
+    model: str = Field(description="id of the model that answered")
+    checkpoint_sha256: str = Field(description="sha256 of the model's weights file")
+    label: int | None = Field(description="predicted class index; null when the answer abstained")
+    class_name: str | None = Field(description="name of the predicted class; null when abstained")
+    abstained: bool
+    alpha: float
+    sigma: float = Field(description="σ of the Gaussian noise, in [0, 1] pixel units (the model's own)")
+    seed: int = Field(description="seed whose noise samples produced this answer (on a cache hit: the original's)")
+    cached: bool = Field(description="true when the answer came from the certificate cache")
+    queued_s: float = Field(description="seconds the request's samples waited for the device")
+    compute_s: float = Field(description="seconds from the first forward pass to the last, summed over phases")
+
+
+class PredictResponse(Answer):
+    p_value: float = Field(description="two-sided binomial test of the top two counts; abstains when above α")
+    counts: list[int] = Field(description="how often each class came up among the n noise samples")
+    n: int
+
+
+class CertifyResponse(Answer):
+    radius: float = Field(description="certified ℓ2 radius in [0, 1] pixel space at the model's input resolution")
+    p_a_lower: float = Field(description="one-sided (1 - α) Clopper-Pearson lower bound on the top class's probability")
+    top_class: int = Field(description="the class chosen from the selection samples (even when abstaining)")
+    selection_counts: list[int] = Field(description="class counts of the n0 selection samples")
+    estimation_counts: list[int] = Field(description="class counts of the n estimation samples")
+    n0: int
+    n: int
+
+
+class ModelInfo(BaseModel):
+    id: str
+    dataset: str
+    architecture: str
+    sigma: float = Field(description="σ the model was trained with and is smoothed with")
+    classes: list[str]
+    input_shape: tuple[int, int, int] = Field(description="(C, H, W) of inputs")
+    sha256: str = Field(description="sha256 of the weights file")
+    device: str
+    batch_size: int = Field(description="measured best number of noise samples per forward pass")
+    samples_per_second: float = Field(description="measured sampling throughput at that batch size")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class JobCreated(BaseModel):
+    id: str = Field(description="unguessable job id")
+    status_url: str
+    results_url: str
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, bool] = Field(description="each readiness condition and whether it holds")
+
+
+class JobParams(BaseModel):
+    """Form fields of POST /v1/jobs (beside the uploaded file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="model id; default: the first loaded model")
+    n0: int | None = Field(None, ge=1, description="selection samples per image; default 100, at most CERTSERVE_MAX_N")
+    n: int | None = Field(
+        None, ge=1, description="estimation samples per image; default 100,000, at most CERTSERVE_MAX_N"
+    )
+    alpha: float | None = Field(None, gt=0, lt=0.5, description="failure probability per image; default 0.001")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed of the job; default: a fresh random one")

@@ -1,0 +1,36 @@
+"""The running service's parts, built by the app's lifespan and reached by the routes through the request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+
+if TYPE_CHECKING:
+    from service.cache import Cache
+    from service.engine import Engine
+    from service.executor import Executor
+    from service.jobs import JobRunner
+    from service.scheduler import Scheduler
+    from service.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    scheduler: Scheduler
+    executor: Executor
+    engine: Engine
+    cache: Cache
+    jobs: JobRunner
+
+    @property
+    def default_model(self) -> str:
+        """The model answering requests that name none: the first loaded."""
+        return next(iter(self.engine.models))
+
+
+def services(request: Request) -> Services:
+    """The ``Services`` of the app serving ``request`` (set once its lifespan has started)."""
+    return request.app.state.services

@@ -56,7 +56,8 @@ def load_models(
         )
         if max_batch and plan.batch_size > max_batch:
             plan = InferencePlan(plan.model, max_batch, plan.channels_last, plan.samples_per_second)
-        log.info("loaded %s on %s: batch %d, %.0f samples/s", model_id, device, plan.batch_size, plan.samples_per_second)
+        log.info("loaded %s on %s: batch %d, %.0f samples/s", model_id, device, plan.batch_size,
+                 plan.samples_per_second)
         loaded[model_id] = LoadedModel(manifest, plan, device)
     return loaded
 

@@ -158,13 +158,15 @@ def train(recipe: Recipe, workdir: Path, out: Path, model_id: str, data_root: Pa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=sorted(NORMALIZATION), required=True)
-    parser.add_argument("--data-root", type=Path, help="local dataset folder (CIFAR-10, ImageNet; Fashion-MNIST has a default)")
+    parser.add_argument(
+        "--data-root", type=Path, help="local dataset folder (CIFAR-10, ImageNet; Fashion-MNIST has a default)"
+    )
     parser.add_argument("--arch", required=True)
     parser.add_argument("--sigma", type=float, required=True, help="noise level σ in [0, 1] pixel units")
-    for field in ("epochs", "batch_size", "seed", "shift"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=Recipe.__dataclass_fields__[field].default)
-    for field in ("lr", "momentum", "weight_decay"):
-        parser.add_argument(f"--{field.replace('_', '-')}", type=float, default=Recipe.__dataclass_fields__[field].default)
+    defaults = Recipe(dataset="", arch="", sigma=0.0)
+    for field in ("epochs", "batch_size", "seed", "shift", "lr", "momentum", "weight_decay"):
+        default = getattr(defaults, field)
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
     parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     parser.add_argument("--id", help="model id (default: the --out folder's name)")

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from service import metrics
 from service.auth import require_key
@@ -36,6 +36,9 @@ from service.schemas import (
 )
 from service.state import services
 from smoothing.core import Certificate, Prediction
+from smoothing.sampling import new_seed
+from smoothing.sequential import DEFAULT_TOLERANCE, AdaptiveCertificate, RadiusDecision, adaptive_certify, radius_test
+from smoothing.statistics import radius_from_lower_bound
 
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks whether its client is still there
 
@@ -112,15 +115,43 @@ def predict_answer(prediction: Prediction, loaded: LoadedModel, timing: Timing) 
     return PredictResponse(**asdict(prediction), **answer_fields(loaded, prediction.label, timing, cached=False))
 
 
-def certify_answer(certificate: Certificate, loaded: LoadedModel, timing: Timing, cached: bool) -> CertifyResponse:
-    return CertifyResponse(**asdict(certificate), **answer_fields(loaded, certificate.label, timing, cached))
+def fixed_fields(certificate: Certificate, target_radius: float | None) -> dict[str, Any]:
+    """The paper's CERTIFY as answer fields; in decision mode, certified at r means radius ≥ r."""
+    at_radius = None if target_radius is None else (not certificate.abstained and certificate.radius >= target_radius)
+    return {**asdict(certificate), "mode": "fixed", "n_max": certificate.n, "samples": certificate.n0 + certificate.n,
+            "target_radius": target_radius, "certified_at_radius": at_radius}
 
 
-def certificate_from_cache(stored: dict[str, Any]) -> Certificate | None:
-    """The cached certificate, or None if the entry does not have the layout this version writes."""
+def sequential_fields(result: AdaptiveCertificate | RadiusDecision, seed: int) -> dict[str, Any]:
+    """An adaptive certificate or radius decision as answer fields.
+
+    A decision also reports the radius its last bound certifies (valid like every stage's bound).
+    """
+    p_a_lower = result.p_a_lower
+    certified = p_a_lower > 0.5
+    fields = {
+        "mode": "adaptive", "label": result.top_class if certified else None, "p_a_lower": p_a_lower,
+        "radius": radius_from_lower_bound(p_a_lower, result.sigma) if certified else 0.0,
+        "top_class": result.top_class, "selection_counts": list(result.selection_counts),
+        "estimation_counts": list(result.estimation_counts), "n0": result.n0 if result.samples else 0,
+        "n": max(0, result.samples - result.n0), "n_max": result.n_max, "samples": result.samples,
+        "alpha": result.alpha, "sigma": result.sigma, "seed": seed,
+    }
+    if isinstance(result, RadiusDecision):
+        fields |= {"target_radius": result.radius, "certified_at_radius": result.certified,
+                   "max_certifiable_radius": result.max_certifiable_radius}
+    return fields
+
+
+def certify_answer(fields: dict[str, Any], loaded: LoadedModel, timing: Timing) -> CertifyResponse:
+    return CertifyResponse(**fields, **answer_fields(loaded, fields["label"], timing, cached=False))
+
+
+def answer_from_cache(stored: dict[str, Any]) -> CertifyResponse | None:
+    """The cached answer, or None if the entry does not have the layout this version writes."""
     try:
-        return Certificate(**stored)
-    except TypeError:
+        return CertifyResponse(**{**stored, "cached": True, "queued_s": 0.0, "compute_s": 0.0})
+    except (ValidationError, TypeError):
         return None
 
 
@@ -171,17 +202,33 @@ async def certify(request: Request) -> CertifyResponse:
     n0 = bounded("n0", params.n0 or settings.default_n0, settings.max_n)
     n = bounded("n", params.n or settings.default_n, settings.max_n)
     alpha = settings.default_alpha if params.alpha is None else params.alpha
+    tolerance = DEFAULT_TOLERANCE if params.tolerance is None else params.tolerance
     loaded, x = await prepare(svc, params, payload)
     manifest = loaded.manifest
-    key = certificate_key(checkpoint_sha256=manifest.sha256, sigma=manifest.sigma, n0=n0, n=n, alpha=alpha, x=x)
+    # The key holds everything that determines the answer (never the seed, so nobody can fish for a lucky one).
+    mode_key = params.mode if params.mode == "fixed" or params.radius is not None else f"adaptive:tol={tolerance}"
+    key = certificate_key(checkpoint_sha256=manifest.sha256, sigma=manifest.sigma, n0=n0, n=n, alpha=alpha, x=x,
+                          mode=mode_key, radius=params.radius)
     stored = await svc.cache.get(key)
-    certificate = None if stored is None else certificate_from_cache(stored)
-    if certificate is not None:
-        metrics.record_certificate(manifest.id, certificate, time.perf_counter() - started, None)
-        return certify_answer(certificate, loaded, Timing(), cached=True)
-    certificate, timing = await until_disconnected(
-        request, svc.engine.certify(manifest.id, x, n0=n0, n=n, alpha=alpha, seed=params.seed)
-    )
-    await svc.cache.put(key, asdict(certificate))
-    metrics.record_certificate(manifest.id, certificate, time.perf_counter() - started, timing)
-    return certify_answer(certificate, loaded, timing, cached=False)
+    cached = None if stored is None else answer_from_cache(stored)
+    if cached is not None:
+        metrics.record_certificate(manifest.id, cached, time.perf_counter() - started, None)
+        return cached
+    seed = new_seed() if params.seed is None else params.seed
+    if params.mode == "fixed":
+        work = svc.engine.certify(manifest.id, x, n0=n0, n=n, alpha=alpha, seed=seed)
+        certificate, timing = await until_disconnected(request, work)
+        fields = fixed_fields(certificate, params.radius)
+    else:
+        if params.radius is None:
+            procedure = adaptive_certify(sigma=manifest.sigma, alpha=alpha, n0=n0, n_max=n, tolerance=tolerance)
+        else:
+            procedure = radius_test(radius=params.radius, sigma=manifest.sigma, alpha=alpha, n0=n0, n_max=n)
+        result, timing = await until_disconnected(request, svc.engine.run_sequential(manifest.id, x, procedure,
+                                                                                     seed=seed))
+        fields = sequential_fields(result, seed)
+    answer = certify_answer(fields, loaded, timing)
+    await svc.cache.put(key, answer.model_dump(exclude={"cached", "queued_s", "compute_s"}))
+    metrics.record_certificate(manifest.id, answer, time.perf_counter() - started, timing)
+    metrics.record_samples(answer.mode, answer.samples)
+    return answer

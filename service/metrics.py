@@ -61,6 +61,12 @@ CACHE_REQUESTS = Counter(
     "certserve_cache_requests", "certificate cache lookups and stores by result (hit, miss, error)", ["result"]
 )
 JOBS = Gauge("certserve_jobs", "batch jobs by state", ["state"])
+SAMPLES_PER_CERTIFICATION = Histogram(
+    "certserve_certification_samples",
+    "noise samples spent per computed certification (selection + estimation), by mode",
+    ["mode"],
+    buckets=sorted([10**k for k in range(1, 7)] + [3 * 10**k for k in range(1, 6)]),
+)
 
 # Export the cache series at 0 from the start, so that rate() sees the first hit, miss or error.
 for _result in ("hit", "miss", "error"):
@@ -107,3 +113,8 @@ def record_certificate(
         ABSTENTIONS.labels(endpoint, model_id).inc()
     else:
         CERTIFIED_RADIUS.labels(model_id).observe(certificate.radius)
+
+
+def record_samples(mode: str, samples: int) -> None:
+    """Samples one computed certification spent (cache hits spend none and are not recorded)."""
+    SAMPLES_PER_CERTIFICATION.labels(mode).observe(samples)

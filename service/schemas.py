@@ -6,7 +6,7 @@ counts are bounded by CERTSERVE_MAX_N; the numbers quoted below are the shipped 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -53,7 +53,28 @@ class CertifyParams(CommonParams):
         None, ge=1, description="selection samples; default 100 (CERTSERVE_DEFAULT_N0), at most CERTSERVE_MAX_N"
     )
     n: int | None = Field(
-        None, ge=1, description="estimation samples; default 100,000 (CERTSERVE_DEFAULT_N), at most CERTSERVE_MAX_N"
+        None,
+        ge=1,
+        description="estimation samples (fixed mode), or their most (adaptive mode); default 100,000 "
+        "(CERTSERVE_DEFAULT_N), at most CERTSERVE_MAX_N",
+    )
+    mode: Literal["fixed", "adaptive"] = Field(
+        "fixed",
+        description="'fixed': the paper's CERTIFY with exactly n estimation samples. 'adaptive': samples in "
+        "growing stages up to n and stops early, with the same guarantee (union bound over the stages): without "
+        "`radius`, once more samples could not raise the radius by more than `tolerance`; with `radius`, once it "
+        "is decided whether the input is certified at that radius",
+    )
+    radius: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="decision mode: is the input certified at this ℓ2 radius? The answer's certified_at_radius "
+        "says; in adaptive mode sampling stops as soon as that is decided",
+    )
+    tolerance: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="adaptive mode without radius: stop once n samples could not "
+        "raise the radius by more than this (ℓ2); default 0.02",
     )
 
 
@@ -107,13 +128,26 @@ class PredictResponse(Answer):
 
 
 class CertifyResponse(Answer):
+    mode: Literal["fixed", "adaptive"] = Field(description="which procedure ran")
     radius: float = Field(description="certified ℓ2 radius in [0, 1] pixel space at the model's input resolution")
-    p_a_lower: float = Field(description="one-sided (1 - α) Clopper-Pearson lower bound on the top class's probability")
-    top_class: int = Field(description="the class chosen from the selection samples (even when abstaining)")
+    p_a_lower: float = Field(
+        description="one-sided Clopper-Pearson lower bound on the top class's probability (level 1 - α in fixed "
+        "mode, 1 - α/K in adaptive mode with K stages)"
+    )
+    top_class: int | None = Field(description="the class chosen from the selection samples (even when abstaining)")
     selection_counts: list[int] = Field(description="class counts of the n0 selection samples")
-    estimation_counts: list[int] = Field(description="class counts of the n estimation samples")
+    estimation_counts: list[int] = Field(description="class counts of the estimation samples drawn")
     n0: int
-    n: int
+    n: int = Field(description="estimation samples drawn")
+    n_max: int = Field(description="estimation samples allowed (= n in fixed mode)")
+    samples: int = Field(description="noise samples spent: selection + estimation")
+    target_radius: float | None = Field(None, description="the radius asked about (decision mode)")
+    certified_at_radius: bool | None = Field(
+        None, description="decision mode: whether the label is certified at target_radius (with prob. ≥ 1 - α)"
+    )
+    max_certifiable_radius: float | None = Field(
+        None, description="adaptive decision mode: the largest radius n_max samples could ever certify"
+    )
 
 
 class ModelInfo(BaseModel):

@@ -70,6 +70,8 @@ class RadiusDecision:
     n_max: int
     alpha: float
     sigma: float
+    selection_counts: tuple[int, ...] = ()  # class counts of the n0 selection samples
+    estimation_counts: tuple[int, ...] = ()  # class counts of all estimation samples drawn
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class AdaptiveCertificate:
     alpha: float
     sigma: float
     tolerance: float
+    selection_counts: tuple[int, ...] = ()
+    estimation_counts: tuple[int, ...] = ()
 
 
 def look_schedule(n_max: int, first: int = DEFAULT_FIRST_LOOK, growth: float = math.sqrt(10)) -> tuple[int, ...]:
@@ -122,6 +126,10 @@ def _best_reachable_lower_bound(count_a: int, n: int, n_max: int, alpha_look: fl
     return lower_confidence_bound(min(n_max, math.ceil(p_up * n_max)), n_max, alpha_look)
 
 
+def _as_tuple(counts: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(c) for c in counts.to(torch.long).cpu())
+
+
 def _top_class(counts: torch.Tensor) -> int:
     return int(torch.argsort(-counts.to(torch.long).cpu(), stable=True)[0])
 
@@ -149,17 +157,20 @@ def radius_test(
                               **common)
     selection = yield SampleRequest(SELECTION_STAGE, 0, n0)
     top = _top_class(selection)
-    count_a, n = 0, 0
+    estimation, n = torch.zeros_like(selection, dtype=torch.long), 0
     for k, n_k in enumerate(looks, start=1):
-        counts = yield SampleRequest(ESTIMATION_STAGE, n, n_k)
-        count_a, n = count_a + int(counts[top]), n_k
+        estimation, n = estimation + (yield SampleRequest(ESTIMATION_STAGE, n, n_k)), n_k
+        count_a = int(estimation[top])
         p_a_lower = lower_confidence_bound(count_a, n, alpha_look)
-        if p_a_lower > threshold:
-            return RadiusDecision(True, top, reason="certified", top_class=top, p_a_lower=p_a_lower,
-                                  samples=n0 + n, looks=k, **common)
-        if n == n_max or _best_reachable_lower_bound(count_a, n, n_max, alpha_look, futility_alpha) <= threshold:
-            return RadiusDecision(False, None, reason="not_certified", top_class=top, p_a_lower=p_a_lower,
-                                  samples=n0 + n, looks=k, **common)
+        certified = p_a_lower > threshold
+        if certified or n == n_max or (
+            _best_reachable_lower_bound(count_a, n, n_max, alpha_look, futility_alpha) <= threshold
+        ):
+            return RadiusDecision(
+                certified, top if certified else None, reason="certified" if certified else "not_certified",
+                top_class=top, p_a_lower=p_a_lower, samples=n0 + n, looks=k, **common,
+                selection_counts=_as_tuple(selection), estimation_counts=_as_tuple(estimation),
+            )
     raise AssertionError("unreachable: the last look is n_max")
 
 
@@ -181,10 +192,10 @@ def adaptive_certify(
     alpha_look = alpha / len(looks)
     selection = yield SampleRequest(SELECTION_STAGE, 0, n0)
     top = _top_class(selection)
-    count_a, n = 0, 0
+    estimation, n = torch.zeros_like(selection, dtype=torch.long), 0
     for k, n_k in enumerate(looks, start=1):
-        counts = yield SampleRequest(ESTIMATION_STAGE, n, n_k)
-        count_a, n = count_a + int(counts[top]), n_k
+        estimation, n = estimation + (yield SampleRequest(ESTIMATION_STAGE, n, n_k)), n_k
+        count_a = int(estimation[top])
         p_a_lower = lower_confidence_bound(count_a, n, alpha_look)
         radius = _radius(p_a_lower, sigma)
         reachable = _radius(_best_reachable_lower_bound(count_a, n, n_max, alpha_look, futility_alpha), sigma)
@@ -192,6 +203,7 @@ def adaptive_certify(
             return AdaptiveCertificate(
                 label=top if p_a_lower > 0.5 else None, radius=radius, p_a_lower=p_a_lower, top_class=top,
                 samples=n0 + n, looks=k, n0=n0, n_max=n_max, alpha=alpha, sigma=sigma, tolerance=tolerance,
+                selection_counts=_as_tuple(selection), estimation_counts=_as_tuple(estimation),
             )
     raise AssertionError("unreachable: the last look is n_max")
 

@@ -107,5 +107,7 @@ async def cancel_job(request: Request, job_id: str, caller: Caller) -> dict[str,
     jobs = services(request).jobs
     if await jobs.status(job_id, caller) is None:
         raise job_not_found(job_id)
-    cancelled = await jobs.cancel(job_id, caller)
-    return {"id": job_id, "cancelled": cancelled, **(await jobs.status(job_id, caller) or {})}
+    await jobs.cancel(job_id, caller)
+    status = await jobs.status(job_id, caller) or {}
+    # A job that had already finished keeps its state: say whether this call cancelled anything.
+    return {"id": job_id, "cancelled": status.get("state") == "cancelled", **status}

@@ -8,10 +8,12 @@ each is wrong with probability ≤ α/K; so P(wrong certificate) ≤ α (Horvát
 split the level across stages the same way). With geometric stages K stays small (7 looks from
 100 to 100,000), so the price is α → α/7 inside Φ⁻¹, a few percent of radius at most.
 
-Stopping for futility ("not certified at r", or "more samples cannot raise the radius by more
-than the tolerance") never returns a certificate, so it spends no level: it may only cost
-power. It uses an upper confidence bound on p_A at ``futility_alpha`` to project what n_max
-samples could at best give.
+Stopping early for any other reason ("not certified at r", or "more samples would not raise
+the radius by more than the tolerance") returns no more than the bound of the look it stops at,
+so it spends no level: it may only cost power. The radius test stops for futility when even an
+optimistic projection (p_A at its upper confidence bound at ``futility_alpha``) could not reach
+the target by n_max; the adaptive certificate stops when the projection at the observed
+frequency p̂A would raise the radius by at most the tolerance.
 
 The procedures are written once, as generators that yield ``SampleRequest``s and receive the
 class counts of those samples; ``run`` drives one with a synchronous sampler (the library) and
@@ -176,13 +178,14 @@ def radius_test(
 
 def adaptive_certify(
     *, sigma: float, alpha: float, n0: int = 100, n_max: int = DEFAULT_N_MAX, tolerance: float = DEFAULT_TOLERANCE,
-    first_look: int = DEFAULT_FIRST_LOOK, futility_alpha: float = DEFAULT_FUTILITY_ALPHA,
+    first_look: int = DEFAULT_FIRST_LOOK,
 ) -> Generator[SampleRequest, torch.Tensor, AdaptiveCertificate]:
     """CERTIFY with an input-specific sample size.
 
-    After each look the radius is σ·Φ⁻¹(p̲A) with p̲A at level α/K; sampling stops once the
-    optimistic projection to n_max would raise it by at most ``tolerance`` (ℓ2), or at n_max.
-    Abstains (label None, radius 0) when p̲A ≤ 1/2 at the stopping look.
+    After each look the radius is σ·Φ⁻¹(p̲A) with p̲A at level α/K; sampling stops once n_max
+    samples at the observed frequency p̂A would raise it by at most ``tolerance`` (ℓ2), or at
+    n_max. Abstains (label None, radius 0) when p̲A ≤ 1/2 at the stopping look. Inputs on which
+    every sample agrees keep sampling to n_max: their radius grows with n until then.
     """
     if not 0.0 < alpha < 0.5:
         raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
@@ -198,8 +201,8 @@ def adaptive_certify(
         count_a = int(estimation[top])
         p_a_lower = lower_confidence_bound(count_a, n, alpha_look)
         radius = _radius(p_a_lower, sigma)
-        reachable = _radius(_best_reachable_lower_bound(count_a, n, n_max, alpha_look, futility_alpha), sigma)
-        if n == n_max or reachable - radius <= tolerance:
+        expected = _radius(lower_confidence_bound(round(count_a / n * n_max), n_max, alpha_look), sigma)
+        if n == n_max or expected - radius <= tolerance:
             return AdaptiveCertificate(
                 label=top if p_a_lower > 0.5 else None, radius=radius, p_a_lower=p_a_lower, top_class=top,
                 samples=n0 + n, looks=k, n0=n0, n_max=n_max, alpha=alpha, sigma=sigma, tolerance=tolerance,

@@ -24,7 +24,7 @@ from service.cache import make_cache
 from service.decoding import DecodeError
 from service.engine import Engine, UnknownModel
 from service.executor import Executor, load_models, pick_device
-from service.jobs import JobRunner, RedisJobStore, SqliteJobStore, UploadError
+from service.jobs import RESUME_RETRY_S, STORE_ERRORS, JobRunner, RedisJobStore, SqliteJobStore, UploadError
 from service.scheduler import DeadlineExceeded, QueueFull, Scheduler
 from service.schemas import RADIUS_UNITS
 from service.settings import Settings
@@ -177,6 +177,11 @@ def add_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def disconnected(request: Request, error: ClientDisconnected) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
+    async def store_unreachable(request: Request, error: Exception) -> Response:
+        log.warning("job store unreachable on %s %s: %s", request.method, request.url.path, error)
+        return detail(503, f"the job store is unreachable ({type(error).__name__}); retry later",
+                      headers={"Retry-After": str(int(RESUME_RETRY_S) + 1)})
+
     async def unexpected(request: Request, error: Exception) -> Response:
         # A bug, never bad input: logged with its traceback (uvicorn logs it too), answered as JSON.
         log.error("unhandled %s on %s %s", type(error).__name__, request.method, request.url.path)
@@ -190,6 +195,8 @@ def add_error_handlers(app: FastAPI, settings: Settings) -> None:
     app.add_exception_handler(DeadlineExceeded, deadline)
     app.add_exception_handler(BodyTooLarge, too_large)
     app.add_exception_handler(ClientDisconnected, disconnected)
+    for store_error in STORE_ERRORS:
+        app.add_exception_handler(store_error, store_unreachable)
     app.add_exception_handler(Exception, unexpected)
 
 

@@ -19,11 +19,13 @@ import hashlib
 import hmac
 import logging
 import secrets
+import sqlite3
 import time
 from collections import deque
 from typing import Any
 
 import torch
+from redis.exceptions import RedisError
 
 from service import metrics
 from service.engine import Engine
@@ -62,6 +64,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+RESUME_RETRY_S = 2.0
+# What an unreachable store raises: Redis connection errors and timeouts, SQLite's operational errors.
+STORE_ERRORS = (RedisError, OSError, sqlite3.Error)
 
 TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 ABSTAIN = -1  # the paper's "predict" for an abstention
@@ -170,15 +176,40 @@ class JobRunner:
         self.engine = engine
         self.concurrency = concurrency
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._resumer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Resume every job the store holds as queued or running."""
+        """Resume every job the store holds as queued or running.
+
+        A store that cannot be reached (Redis down at start-up) does not stop the service: the
+        resumption is retried in the background every RESUME_RETRY_S seconds until it succeeds.
+        """
+        try:
+            await self._resume()
+        except STORE_ERRORS as e:
+            log.warning("job store unreachable at start-up (%s: %s); resuming jobs once it is back",
+                        type(e).__name__, e)
+            self._resumer = asyncio.create_task(self._resume_when_reachable(), name="resume-jobs")
+
+    async def _resume(self) -> None:
         for job_id in await self.store.unfinished():
             self._launch(job_id)
         await self._publish_counts()
 
+    async def _resume_when_reachable(self) -> None:
+        while True:
+            await asyncio.sleep(RESUME_RETRY_S)
+            try:
+                await self._resume()
+            except STORE_ERRORS:
+                continue
+            log.info("job store reachable again: unfinished jobs resumed")
+            return
+
     async def stop(self) -> None:
         """Stop running jobs (in-flight images are cancelled); they stay unfinished, for the next start()."""
+        if self._resumer is not None:
+            self._resumer.cancel()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +24,6 @@ from models.checkpoint import (
     save_checkpoint,
     sha256_of,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a small, busy machine a second one spin-waits and slows convolutions 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 FMNIST_MEAN, FMNIST_STD = (0.286,), (0.353,)
 CLASSES = [f"c{i}" for i in range(10)]

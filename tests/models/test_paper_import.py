@@ -8,7 +8,7 @@ our classes, so that a naming or wiring difference between the two shows up as d
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,6 @@ from models.paper_import import (
     main,
 )
 from models.registry import list_models, load_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a small, busy machine a second one spin-waits and slows convolutions 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class PaperNormalize(nn.Module):

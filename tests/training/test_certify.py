@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import gzip
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from idx_files import write_idx
 
 from models.architectures import build_model
 from models.checkpoint import save_checkpoint
@@ -32,11 +32,6 @@ from training.data import FASHION_MNIST_CLASSES, fashion_mnist
 SIGMA = 0.5
 NUM_EXAMPLES = 12
 FAST = ["--n0", "8", "--n", "64", "--batch-size", "32"]
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
 
 
 @pytest.fixture(scope="module")

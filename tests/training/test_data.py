@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from idx_files import idx_bytes, write_idx
 from PIL import Image
 
 from training.data import (
@@ -23,17 +24,6 @@ from training.data import (
     load_dataset,
     read_idx,
 )
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """IDX encoding of a uint8 array: magic 0x00000800 | ndim, big-endian 32-bit dims, then the bytes."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    data = idx_bytes(array)
-    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
 
 
 def write_fashion_mnist(root: Path, split_sizes: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -93,6 +93,8 @@ class Executor:
         return self.models[model_id].batch_size
 
     def _run(self) -> None:
+        # Flushing denormals is a per-thread setting: set it on the thread that runs the forward passes.
+        torch.set_flush_denormal(True)
         while not self._stop.is_set():
             batch = self.scheduler.next_batch(self._batch_size_for, timeout=0.05)
             if batch is None:

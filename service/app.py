@@ -53,6 +53,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         device,
         max_batch=settings.max_batch,
         tuning_cache=settings.tuning_cache,
+        precision=settings.precision,
     )
     if not models:
         raise RuntimeError(f"no models found in {settings.model_dir} (set CERTSERVE_MODEL_DIR or CERTSERVE_MODELS)")

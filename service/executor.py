@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,7 +44,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_models(
-    model_dir: Path, model_ids: list[str], device: torch.device, *, max_batch: int = 0, tuning_cache: Path | None = None
+    model_dir: Path, model_ids: list[str], device: torch.device, *, max_batch: int = 0,
+    tuning_cache: Path | None = None, precision: str = "float32",
 ) -> dict[str, LoadedModel]:
     """Load and tune the requested models (all in ``model_dir`` when ``model_ids`` is empty)."""
     ids = model_ids or [m.id for m in list_models(model_dir)]
@@ -52,10 +53,10 @@ def load_models(
     for model_id in ids:
         model, manifest = load_model(model_dir, model_id, device)
         plan = prepare_for_inference(
-            model, manifest.input_shape, device, cache_key=manifest.sha256, cache_file=tuning_cache
+            model, manifest.input_shape, device, cache_key=manifest.sha256, cache_file=tuning_cache, precision=precision
         )
         if max_batch and plan.batch_size > max_batch:
-            plan = InferencePlan(plan.model, max_batch, plan.channels_last, plan.samples_per_second)
+            plan = replace(plan, batch_size=max_batch)
         log.info("loaded %s on %s: batch %d, %.0f samples/s", model_id, device, plan.batch_size,
                  plan.samples_per_second)
         loaded[model_id] = LoadedModel(manifest, plan, device)

@@ -25,6 +25,7 @@ def model_info(loaded: LoadedModel) -> ModelInfo:
         device=str(loaded.device),
         batch_size=loaded.batch_size,
         samples_per_second=round(loaded.plan.samples_per_second, 1),
+        precision=loaded.plan.precision,
     )
 
 

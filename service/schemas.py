@@ -161,6 +161,7 @@ class ModelInfo(BaseModel):
     device: str
     batch_size: int = Field(description="measured best number of noise samples per forward pass")
     samples_per_second: float = Field(description="measured sampling throughput at that batch size")
+    precision: str = Field(description="arithmetic of the base classifier: float32, or the autocast dtype")
 
 
 class ModelList(BaseModel):

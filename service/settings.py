@@ -6,6 +6,7 @@ Every field is documented in the README's settings table; nothing else reads the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,11 @@ class Settings(BaseSettings):
     models: list[str] = Field(default_factory=list, description="model ids to load; empty = every model in model_dir")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:k]'")
     max_batch: int = Field(0, ge=0, description="cap on samples per forward pass; 0 = the measured best batch size")
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="arithmetic of the base classifier: 'auto' = float32 unless bfloat16 autocast (float16 too on "
+        "CUDA) is measured 1.2x faster at load time; certificates hold for the classifier actually run",
+    )
     batch_delay_ms: float = Field(2.0, ge=0, description="wait for more work, counted from the oldest queued item")
     tuning_cache: Path | None = Field(None, description="JSON file caching the batch-size sweep across restarts")
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from models.checkpoint import CheckpointError
 from models.registry import DEFAULT_ROOT, ModelNotFound, load_model
 from smoothing import core
-from smoothing.tuning import fold_batchnorm, prepare_for_inference
+from smoothing.tuning import fold_batchnorm, prepare_for_inference, with_precision
 from training.analyze import read_log
 from training.data import DatasetNotFound, load_dataset
 
@@ -140,14 +140,15 @@ def write_row(f: TextIO, row: dict[str, object], columns: tuple[str, ...]) -> No
 
 
 def prepare_model(model: nn.Module, input_shape: tuple[int, int, int], batch_size: int | None,
-                  device: str, cache_key: str) -> tuple[nn.Module, int, bool]:
+                  device: str, cache_key: str, precision: str = "float32") -> tuple[nn.Module, int, bool]:
     """(model, batch size, channels_last): measured by ``prepare_for_inference`` when ``batch_size`` is
     None, else the given batch size with BatchNorm folded and the default memory format (no timing, so
-    two runs compute exactly the same thing)."""
+    two runs compute exactly the same thing). ``precision`` as in ``prepare_for_inference``."""
     if batch_size is None:
-        plan = prepare_for_inference(model, input_shape, device, cache_key=cache_key)
+        plan = prepare_for_inference(model, input_shape, device, cache_key=cache_key, precision=precision)
         return plan.model, plan.batch_size, plan.channels_last
-    return fold_batchnorm(model), batch_size, False
+    fixed = "float32" if precision == "auto" else precision
+    return with_precision(fold_batchnorm(model), fixed, torch.device(device)), batch_size, False
 
 
 def summary(path: Path, mode: str) -> str:
@@ -169,7 +170,7 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     model, manifest = load_model(args.registry, args.model, args.device)
     model, batch_size, channels_last = prepare_model(
-        model, tuple(manifest.input_shape), args.batch_size, args.device, manifest.sha256
+        model, tuple(manifest.input_shape), args.batch_size, args.device, manifest.sha256, args.precision
     )
     smoothed = Smoothed(model, manifest.sigma, manifest.num_classes, batch_size, channels_last, n=args.n,
                         alpha=args.alpha, seed=args.seed, n0=args.n0)
@@ -220,6 +221,9 @@ def parse_args(mode: str, argv: list[str] | None) -> argparse.Namespace:
                         help="samples per forward pass (default auto: measured)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; example idx uses example_seed(seed, idx)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=("float32", "bfloat16", "float16", "auto"), default="float32",
+                        help="base classifier arithmetic (default float32, the checkpoint as trained; auto: "
+                        "bfloat16 where measured faster)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out, skip their indices")
     parser.add_argument("--out", type=Path, required=True, help="log file to write (tab-separated)")

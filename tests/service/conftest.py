@@ -69,6 +69,7 @@ def make_settings(
             "tuning_cache": tuning_cache,
             "job_db": tmp_path_factory.mktemp("jobs") / "jobs.sqlite3",
             "redis_url": None,
+            "precision": "float32",
             "api_keys": [],
         }
         return Settings(**{**fields, **overrides})

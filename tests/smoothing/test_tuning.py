@@ -1,9 +1,10 @@
 import json
 
+import pytest
 import torch
 
 from models.architectures import build_model
-from smoothing.tuning import fold_batchnorm, measure_throughput, prepare_for_inference, sweep_batch_sizes
+from smoothing.tuning import Autocast, fold_batchnorm, measure_throughput, prepare_for_inference, sweep_batch_sizes
 
 
 def _model_with_trained_batchnorm() -> torch.nn.Module:
@@ -53,3 +54,25 @@ def test_plan_is_cached_in_memory_and_in_file(tmp_path) -> None:
     x = torch.rand(3, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         torch.testing.assert_close(again.model(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_reduced_precision_wraps_the_model_and_keeps_its_decisions() -> None:
+    model = _model_with_trained_batchnorm()
+    plan = prepare_for_inference(model, (1, 28, 28), candidates=(8,), precision="bfloat16")
+    assert plan.precision == "bfloat16" and isinstance(plan.model, Autocast)
+    x = torch.rand(64, 1, 28, 28)
+    if plan.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        logits = plan.model(x)
+        assert logits.dtype == torch.float32
+        agree = (logits.argmax(1) == model(x).argmax(1)).float().mean()
+    assert agree >= 0.9  # bfloat16 keeps 8 bits of mantissa: near-ties may flip, clear decisions do not
+
+
+def test_auto_precision_is_float32_or_a_measured_faster_one() -> None:
+    plan = prepare_for_inference(_model_with_trained_batchnorm(), (1, 28, 28), candidates=(8,), precision="auto")
+    assert plan.precision in ("float32", "bfloat16")
+    assert isinstance(plan.model, Autocast) == (plan.precision != "float32")
+    with pytest.raises(ValueError, match="precision"):
+        prepare_for_inference(_model_with_trained_batchnorm(), (1, 28, 28), candidates=(8,), precision="int8")

@@ -33,7 +33,9 @@ class Settings(BaseSettings):
         "CUDA) is measured 1.2x faster at load time; certificates hold for the classifier actually run",
     )
     batch_delay_ms: float = Field(2.0, ge=0, description="wait for more work, counted from the oldest queued item")
-    tuning_cache: Path | None = Field(None, description="JSON file caching the batch-size sweep across restarts")
+    tuning_cache: Path | None = Field(
+        Path("state/tuning.json"), description="JSON file caching the batch-size sweep across restarts"
+    )
 
     # scheduling and limits
     max_pending_samples: int = Field(2_000_000, gt=0, description="queue bound in noise samples; beyond it: 503")

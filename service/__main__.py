@@ -18,6 +18,7 @@ def main() -> None:
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
+        access_log=settings.access_log,
         log_level="info",
     )
 

@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     # network
     host: str = Field("127.0.0.1", description="address `python -m service` listens on (0.0.0.0 for all interfaces)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port `python -m service` listens on")
+    access_log: bool = Field(False, description="log every request (uvicorn's access log); metrics count them anyway")
     shutdown_grace_s: float = Field(30.0, gt=0, description="on SIGTERM, wait this long for requests in flight")
 
     # models and device

@@ -139,6 +139,7 @@ async def certify_image(store: JobStore, engine: Engine, job_id: str, idx: int, 
     }
     if await store.put_result(job_id, row):
         metrics.record_certificate(job.model_id, certificate, seconds, timing, endpoint="job")
+        metrics.record_samples("fixed", certificate.n0 + certificate.n)
     return row
 
 

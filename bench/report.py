@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
+SAMPLE_EFFICIENCY = Path(__file__).resolve().parent / "results" / "sample-efficiency" / "report.md"  # issue 5
 
 
 def num(value: float | None, digits: int = 0) -> str:
@@ -234,6 +235,8 @@ def render(runs: list[dict[str, Any]]) -> str:
             lines += ["", f"### {title}", "", *section(r)]
     if FINDINGS.exists():
         lines += ["", "## Where the time goes", "", FINDINGS.read_text().strip()]
+    if SAMPLE_EFFICIENCY.exists():  # written by python -m bench.sample_efficiency
+        lines += ["", SAMPLE_EFFICIENCY.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 

@@ -145,14 +145,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/sample_efficiency.json"))
-    parser.add_argument("--report", type=Path, default=Path("bench/results/sample_efficiency.md"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/sample-efficiency/results.json"))
+    parser.add_argument("--report", type=Path, default=Path("bench/results/sample-efficiency/report.md"),
+                        help="Markdown section; BENCHMARKS.md includes it when python -m bench renders")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = [measure_model(m, reference_path(args.fixed_dir, m), args.radii, args.n_max, args.tolerance, args.seed,
                              args.registry) for m in args.models]
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.report.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     command = "python -m bench.sample_efficiency " + " ".join(sys.argv[1:] if argv is None else argv)
     args.report.write_text(markdown(results, command.strip()))

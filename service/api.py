@@ -190,7 +190,9 @@ async def predict(request: Request) -> PredictResponse:
     "copies (one-sided Clopper-Pearson at level α) and certifies radius σ·Φ⁻¹(p̲A); abstains when p̲A ≤ 1/2. "
     "With probability at least 1 - α the smoothed classifier's label is constant within the radius. "
     + RADIUS_UNITS
-    + " Answers are cached by (checkpoint, σ, n0, n, α, input), not by seed: asking again with any seed "
+    + " mode=adaptive samples in stages up to n and stops early with the same guarantee; with `radius`, it "
+    "decides whether the input is certified at that radius (certified_at_radius). Answers are cached by "
+    "(checkpoint, σ, n0, n, α, mode, radius, tolerance, input), not by seed: asking again with any seed "
     "returns the stored certificate (cached=true).",
     openapi_extra=request_body_doc(CertifyParams, CertifyJson),
 )

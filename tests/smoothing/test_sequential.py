@@ -41,7 +41,8 @@ def allowed_failures(runs: int, alpha: float) -> int:
 
 
 def test_look_schedule_is_geometric_and_ends_at_n_max() -> None:
-    assert look_schedule(100_000) == (100, 316, 1000, 3162, 10000, 31623, 100000)
+    assert look_schedule(100_000) == (100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 51200, 100000)
+    assert look_schedule(100_000, growth=10**0.5) == (100, 316, 1000, 3162, 10000, 31623, 100000)
     assert look_schedule(50) == (50,)
     with pytest.raises(ValueError):
         look_schedule(0)
@@ -103,8 +104,9 @@ def test_radius_test_stops_early_for_futility_without_certifying() -> None:
 
 
 def test_infeasible_radius_is_answered_without_samples() -> None:
-    ceiling = max_certifiable_radius(100_000, 0.001 / 7, SIGMA)
-    assert ceiling == pytest.approx(SIGMA * norm.ppf((0.001 / 7) ** (1 / 100_000)))
+    looks = len(look_schedule(100_000))
+    ceiling = max_certifiable_radius(100_000, 0.001 / looks, SIGMA)
+    assert ceiling == pytest.approx(SIGMA * norm.ppf((0.001 / looks) ** (1 / 100_000)))
     procedure = radius_test(radius=ceiling + 0.01, sigma=SIGMA, alpha=0.001)
     decision = run(procedure, lambda request: pytest.fail("no sample may be drawn"))
     assert decision.reason == "infeasible" and decision.samples == 0 and not decision.certified
@@ -146,9 +148,10 @@ class ConstantClassifier(torch.nn.Module):
 def test_library_wrappers_sample_through_a_model_and_count_samples() -> None:
     model = ConstantClassifier()
     x = torch.zeros(1, 2, 2)
-    # All samples agree, so p̲A = (α/K)^(1/n): below Φ(2) at 100 and 316 samples, above at 1,000.
+    # All samples agree, so p̲A = (α/K)^(1/n) with K = 11 looks: below Φ(2) = 0.97725 at 100, 200 and 400
+    # samples (0.9768 at 400), above at 800.
     decision = certify_radius(model, x, radius=1.0, sigma=SIGMA, num_classes=3, alpha=0.001, batch_size=64, seed=0)
-    assert decision.certified and decision.label == 2 and decision.samples == 100 + 1000 and decision.looks == 3
+    assert decision.certified and decision.label == 2 and decision.samples == 100 + 800 and decision.looks == 4
     adaptive = certify_adaptive(model, x, sigma=SIGMA, num_classes=3, alpha=0.001, batch_size=64, n_max=1000, seed=0)
     # All samples agree: the radius is the n_max ceiling at level α/K, reached at the last look.
     assert adaptive.samples == 100 + 1000

@@ -127,8 +127,8 @@ def service_section(r: dict[str, Any]) -> list[str]:
     lines = [f"K closed-loop clients over HTTP, each certifying a new image after the other (n0 = {svc['n0']}, "
              f"n = {num(svc['n'])}); samples/s from the service's `certserve_noise_samples_total` over the window.", ""]
     if float32:
-        lines += [f"L uses {r['limit']['model_as_measured']['precision']}; the service computes in float32 (it has no "
-                  "precision setting), so its fraction of L in float32 is given too.", ""]
+        lines += [f"L uses {r['limit']['model_as_measured']['precision']}, and so does the service (started with "
+                  "CERTSERVE_PRECISION set to it); its fraction of L in float32 is given too.", ""]
     return lines + table(["K", "samples/s", "L (around)", "÷ L"] + (["÷ L float32"] if float32 else [])
                          + ["window s", "certs done", "p50 ms", "p99 ms", "errors"], rows)
 

@@ -196,3 +196,12 @@ def test_a_client_that_disconnects_cancels_its_work(server: str) -> None:
     while (left := pending_samples(server)) > 0:
         assert time.monotonic() < deadline, f"{left:.0f} samples still pending after the client left"
         time.sleep(0.1)
+
+
+def test_adaptive_modes_through_the_real_server(server: str) -> None:
+    pixels = pixels_of(7)
+    decision = post(server, "certify", pixels, {"mode": "adaptive", "radius": 0.01, "n": 20_000, "seed": 1})
+    assert decision["mode"] == "adaptive" and decision["certified_at_radius"] is True
+    assert decision["samples"] < 100 + 20_000 and decision["samples"] == decision["n0"] + decision["n"]
+    adaptive = post(server, "certify", pixels, {"mode": "adaptive", "n": 5_000, "seed": 2})
+    assert adaptive["mode"] == "adaptive" and adaptive["target_radius"] is None and adaptive["n_max"] == 5_000

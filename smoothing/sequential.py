@@ -144,6 +144,37 @@ def _top_class(counts: torch.Tensor) -> int:
     return int(torch.argsort(-counts.to(torch.long).cpu(), stable=True)[0])
 
 
+@dataclass(frozen=True)
+class _Look:
+    """The counts after look k: n estimation samples so far, ĉA = ``top`` from the selection samples."""
+
+    k: int
+    n: int
+    top: int
+    selection: torch.Tensor
+    estimation: torch.Tensor
+
+    @property
+    def count_a(self) -> int:
+        return int(self.estimation[self.top])
+
+
+def _staged(
+    n0: int, looks: tuple[int, ...], stop: Callable[[_Look], R | None]
+) -> Generator[SampleRequest, torch.Tensor, R]:
+    """Selection from n0 samples, then estimation samples up to each look until ``stop`` returns a
+    result (every stop rule must return one at the last look, n_max)."""
+    selection = yield SampleRequest(SELECTION_STAGE, 0, n0)
+    top = _top_class(selection)
+    estimation, n = torch.zeros_like(selection, dtype=torch.long), 0
+    for k, n_k in enumerate(looks, start=1):
+        estimation, n = estimation + (yield SampleRequest(ESTIMATION_STAGE, n, n_k)), n_k
+        result = stop(_Look(k, n, top, selection, estimation))
+        if result is not None:
+            return result
+    raise AssertionError("unreachable: every stop rule stops at n_max")
+
+
 def radius_test(
     *, radius: float, sigma: float, alpha: float, n0: int = 100, n_max: int = DEFAULT_N_MAX,
     first_look: int = DEFAULT_FIRST_LOOK, futility_alpha: float = DEFAULT_FUTILITY_ALPHA,
@@ -165,23 +196,21 @@ def radius_test(
     if radius >= ceiling:
         return RadiusDecision(False, None, reason="infeasible", top_class=None, p_a_lower=0.0, samples=0, looks=0,
                               **common)
-    selection = yield SampleRequest(SELECTION_STAGE, 0, n0)
-    top = _top_class(selection)
-    estimation, n = torch.zeros_like(selection, dtype=torch.long), 0
-    for k, n_k in enumerate(looks, start=1):
-        estimation, n = estimation + (yield SampleRequest(ESTIMATION_STAGE, n, n_k)), n_k
-        count_a = int(estimation[top])
-        p_a_lower = lower_confidence_bound(count_a, n, alpha_look)
+
+    def stop(look: _Look) -> RadiusDecision | None:
+        p_a_lower = lower_confidence_bound(look.count_a, look.n, alpha_look)
         certified = p_a_lower > threshold
-        if certified or n == n_max or (
-            _best_reachable_lower_bound(count_a, n, n_max, alpha_look, futility_alpha) <= threshold
-        ):
-            return RadiusDecision(
-                certified, top if certified else None, reason="certified" if certified else "not_certified",
-                top_class=top, p_a_lower=p_a_lower, samples=n0 + n, looks=k, **common,
-                selection_counts=_as_tuple(selection), estimation_counts=_as_tuple(estimation),
-            )
-    raise AssertionError("unreachable: the last look is n_max")
+        if not (certified or look.n == n_max or (
+            _best_reachable_lower_bound(look.count_a, look.n, n_max, alpha_look, futility_alpha) <= threshold
+        )):
+            return None
+        return RadiusDecision(
+            certified, look.top if certified else None, reason="certified" if certified else "not_certified",
+            top_class=look.top, p_a_lower=p_a_lower, samples=n0 + look.n, looks=look.k, **common,
+            selection_counts=_as_tuple(look.selection), estimation_counts=_as_tuple(look.estimation),
+        )
+
+    return (yield from _staged(n0, looks, stop))
 
 
 def adaptive_certify(
@@ -202,22 +231,20 @@ def adaptive_certify(
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     looks = look_schedule(n_max, first_look)
     alpha_look = alpha / len(looks)
-    selection = yield SampleRequest(SELECTION_STAGE, 0, n0)
-    top = _top_class(selection)
-    estimation, n = torch.zeros_like(selection, dtype=torch.long), 0
-    for k, n_k in enumerate(looks, start=1):
-        estimation, n = estimation + (yield SampleRequest(ESTIMATION_STAGE, n, n_k)), n_k
-        count_a = int(estimation[top])
-        p_a_lower = lower_confidence_bound(count_a, n, alpha_look)
+
+    def stop(look: _Look) -> AdaptiveCertificate | None:
+        p_a_lower = lower_confidence_bound(look.count_a, look.n, alpha_look)
         radius = _radius(p_a_lower, sigma)
-        reachable = _radius(_best_reachable_lower_bound(count_a, n, n_max, alpha_look, projection_alpha), sigma)
-        if n == n_max or reachable - radius <= tolerance:
-            return AdaptiveCertificate(
-                label=top if p_a_lower > 0.5 else None, radius=radius, p_a_lower=p_a_lower, top_class=top,
-                samples=n0 + n, looks=k, n0=n0, n_max=n_max, alpha=alpha, sigma=sigma, tolerance=tolerance,
-                selection_counts=_as_tuple(selection), estimation_counts=_as_tuple(estimation),
-            )
-    raise AssertionError("unreachable: the last look is n_max")
+        best = _best_reachable_lower_bound(look.count_a, look.n, n_max, alpha_look, projection_alpha)
+        if look.n < n_max and _radius(best, sigma) - radius > tolerance:
+            return None
+        return AdaptiveCertificate(
+            label=look.top if p_a_lower > 0.5 else None, radius=radius, p_a_lower=p_a_lower, top_class=look.top,
+            samples=n0 + look.n, looks=look.k, n0=n0, n_max=n_max, alpha=alpha, sigma=sigma, tolerance=tolerance,
+            selection_counts=_as_tuple(look.selection), estimation_counts=_as_tuple(look.estimation),
+        )
+
+    return (yield from _staged(n0, looks, stop))
 
 
 def run(procedure: Generator[SampleRequest, torch.Tensor, R], sample: Callable[[SampleRequest], torch.Tensor]) -> R:

@@ -1,7 +1,7 @@
 """``python -m bench``: measure, write the results (JSON) and the report (Markdown).
 
-    python -m bench                  full run (about 12 minutes on a 2-core CPU)
-    python -m bench --quick          seconds per part: a smoke test, not a measurement
+python -m bench                  full run (about 12 minutes on a 2-core CPU)
+python -m bench --quick          seconds per part: a smoke test, not a measurement
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from bench.baseline import compare_with_paper_loop
 from bench.cache import flush_redis, redis_reachable, repeated_certify
 from bench.client import new_client
-from bench.compute_thread import on_compute_thread, open_main_team
+from bench.compute_thread import on_compute_thread, start_compute_thread
 from bench.config import FULL, QUICK, BenchConfig
 from bench.headlines import headlines
 from bench.inputs import test_set_images
@@ -41,17 +41,25 @@ log = logging.getLogger("bench")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds per part (smoke test)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model id in the registry (default: %(default)s)")
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_ROOT, help="registry folder (default: checkpoints/)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: bench/results/<device>.json)")
-    parser.add_argument("--report", type=Path, default=REPO_ROOT / "BENCHMARKS.md",
-                        help="Markdown report, rendered from every results file beside --out (default: BENCHMARKS.md)")
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL,
-                        help="Redis for the cache part; its database is flushed (default: %(default)s)")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=REPO_ROOT / "BENCHMARKS.md",
+        help="Markdown report, rendered from every results file beside --out (default: BENCHMARKS.md)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help="Redis for the cache part; its database is flushed (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the images and loads")
     return parser.parse_args(argv)
 
@@ -67,10 +75,19 @@ async def service_parts(server: Server, limit: Limit, config: BenchConfig, seed:
     async with new_client(server.url) as client:
         started = time.perf_counter()
         service = await measure_service(
-            client, limit, pid=server.pid, ks=config.service_ks, n0=config.n0, n=config.certify_n,
-            alpha=config.alpha, warmup_s=config.service_warmup_s, window_s=config.service_window_s,
-            memory_s=config.memory_s, memory_interval_s=config.memory_interval_s,
-            limit_seconds=config.limit_seconds, seed=seed + 1,
+            client,
+            limit,
+            pid=server.pid,
+            ks=config.service_ks,
+            n0=config.n0,
+            n=config.certify_n,
+            alpha=config.alpha,
+            warmup_s=config.service_warmup_s,
+            window_s=config.service_window_s,
+            memory_s=config.memory_s,
+            memory_interval_s=config.memory_interval_s,
+            limit_seconds=config.limit_seconds,
+            seed=seed + 1,
         )
         largest = service["loads"][-1]
         results["service"] = service
@@ -79,34 +96,64 @@ async def service_parts(server: Server, limit: Limit, config: BenchConfig, seed:
 
         started = time.perf_counter()
         results["latency"] = await measure_latency(
-            client, limit, n=config.predict_n, alpha=config.alpha, idle_count=config.idle_predicts,
-            saturated_count=config.saturated_predicts, certifiers=config.saturating_clients, n0=config.n0,
-            certify_n=config.certify_n, warmup_s=config.service_warmup_s, sweep=config.sweep_concurrency,
-            sweep_window_s=config.sweep_window_s, limit_seconds=config.limit_seconds, seed=seed + 2,
+            client,
+            limit,
+            n=config.predict_n,
+            alpha=config.alpha,
+            idle_count=config.idle_predicts,
+            saturated_count=config.saturated_predicts,
+            certifiers=config.saturating_clients,
+            n0=config.n0,
+            certify_n=config.certify_n,
+            warmup_s=config.service_warmup_s,
+            sweep=config.sweep_concurrency,
+            sweep_window_s=config.sweep_window_s,
+            limit_seconds=config.limit_seconds,
+            seed=seed + 2,
         )
         timed(results, "latency", started)
 
         started = time.perf_counter()
         results["mixed_load"] = await compare_with_paper_loop(
-            client, limit, predicts=config.mixed_predicts, predict_n=config.predict_n,
-            certify_ns=config.mixed_certify_ns, n0=config.n0, span_s=config.mixed_arrival_span_s,
-            alpha=config.alpha, seed=seed + 3,
+            client,
+            limit,
+            predicts=config.mixed_predicts,
+            predict_n=config.predict_n,
+            certify_ns=config.mixed_certify_ns,
+            n0=config.n0,
+            span_s=config.mixed_arrival_span_s,
+            alpha=config.alpha,
+            seed=seed + 3,
         )
         timed(results, "mixed_load", started)
 
         started = time.perf_counter()
-        results["cache"] = {"in_process": await repeated_certify(
-            client, limit.manifest, hits=config.cache_hits, n0=config.n0, n=config.cache_n, alpha=config.alpha,
-            seed=seed + 4,
-        )}
+        results["cache"] = {
+            "in_process": await repeated_certify(
+                client,
+                limit.manifest,
+                hits=config.cache_hits,
+                n0=config.n0,
+                n=config.cache_n,
+                alpha=config.alpha,
+                seed=seed + 4,
+            )
+        }
         timed(results, "cache_in_process", started)
     return results
 
 
 async def redis_cache_part(server: Server, limit: Limit, config: BenchConfig, seed: int) -> dict[str, Any]:
     async with new_client(server.url) as client:
-        return await repeated_certify(client, limit.manifest, hits=config.cache_hits, n0=config.n0,
-                                      n=config.cache_n, alpha=config.alpha, seed=seed + 5)
+        return await repeated_certify(
+            client,
+            limit.manifest,
+            hits=config.cache_hits,
+            n0=config.n0,
+            n=config.cache_n,
+            alpha=config.alpha,
+            seed=seed + 5,
+        )
 
 
 def add_float32_fractions(results: dict[str, Any]) -> None:
@@ -126,8 +173,14 @@ def run(args: argparse.Namespace, config: BenchConfig, device: torch.device, wor
         "schema": 1,
         "quick": config.quick,
         "machine": describe_machine(device),
-        "model": {"id": manifest.id, "architecture": manifest.architecture, "dataset": manifest.dataset,
-                  "input_shape": list(manifest.input_shape), "sigma": manifest.sigma, "sha256": manifest.sha256},
+        "model": {
+            "id": manifest.id,
+            "architecture": manifest.architecture,
+            "dataset": manifest.dataset,
+            "input_shape": list(manifest.input_shape),
+            "sigma": manifest.sigma,
+            "sha256": manifest.sha256,
+        },
         "settings": config.as_dict(),
     }
     log.info("benchmarking %s on %s (%s run)", manifest.id, device, "quick" if config.quick else "full")
@@ -137,23 +190,45 @@ def run(args: argparse.Namespace, config: BenchConfig, device: torch.device, wor
 
     started = time.perf_counter()
     limit, results["limit"] = on_compute_thread(
-        measure_limit, args.model_dir, args.model, device, candidates=config.batch_candidates,
+        measure_limit,
+        args.model_dir,
+        args.model,
+        device,
+        candidates=config.batch_candidates,
         seconds=config.limit_seconds,
-        precision_seconds=config.precision_seconds, precision_rounds=config.precision_rounds,
+        precision_seconds=config.precision_seconds,
+        precision_rounds=config.precision_rounds,
         check_images=images[: config.precision_images],
-        check_n0=config.n0, check_n=config.precision_n, alpha=config.alpha, tuning_cache=tuning_cache,
+        check_n0=config.n0,
+        check_n=config.precision_n,
+        alpha=config.alpha,
+        tuning_cache=tuning_cache,
     )
     timed(results, "limit", started)
 
     started = time.perf_counter()
     results["library"] = on_compute_thread(
-        measure_library, limit, images, n0=config.n0, n=config.certify_n, alpha=config.alpha,
-        rounds=config.library_rounds, seconds=config.library_seconds, limit_seconds=config.limit_seconds,
+        measure_library,
+        limit,
+        images,
+        n0=config.n0,
+        n=config.certify_n,
+        alpha=config.alpha,
+        rounds=config.library_rounds,
+        seconds=config.library_seconds,
+        limit_seconds=config.limit_seconds,
     )
     timed(results, "library", started)
 
-    server_args = dict(model_dir=args.model_dir, model_id=args.model, device=device, tuning_cache=tuning_cache,
-                       workdir=workdir, timeout_s=config.server_start_timeout_s, precision=limit.precision)
+    server_args = dict(
+        model_dir=args.model_dir,
+        model_id=args.model,
+        device=device,
+        tuning_cache=tuning_cache,
+        workdir=workdir,
+        timeout_s=config.server_start_timeout_s,
+        precision=limit.precision,
+    )
     server = start_server(**server_args)
     try:
         results.update(asyncio.run(service_parts(server, limit, config, args.seed)))
@@ -168,8 +243,10 @@ def run(args: argparse.Namespace, config: BenchConfig, device: torch.device, wor
         flush_redis(args.redis_url)
         server = start_server(**server_args, redis_url=args.redis_url)
         try:
-            results["cache"]["redis"] = {"url": args.redis_url,
-                                         **asyncio.run(redis_cache_part(server, limit, config, args.seed))}
+            results["cache"]["redis"] = {
+                "url": args.redis_url,
+                **asyncio.run(redis_cache_part(server, limit, config, args.seed)),
+            }
         finally:
             stop_server(server)
             flush_redis(args.redis_url)
@@ -187,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     out = args.out or REPO_ROOT / "bench" / "results" / f"{device_slug(device)}.json"
     started = time.perf_counter()
-    open_main_team()  # the service's threading, mirrored (see bench.compute_thread)
+    start_compute_thread()  # the service's threading, mirrored (see bench.compute_thread)
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         results = run(args, config, device, Path(workdir))
     results["total_seconds"] = round(time.perf_counter() - started, 1)
@@ -196,8 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     write_report(out, args.report)
     log.info("wrote %s and %s in %.0f s", out, args.report, results["total_seconds"])
     for row in results["headlines"]:
-        log.info("%-60s %10s  target %-8s %s", row["name"], f"{row['value']:.3g}" if row["value"] is not None else "—",
-                 row["target"], {True: "met", False: "MISSED", None: ""}[row["met"]])
+        log.info(
+            "%-60s %10s  target %-8s %s",
+            row["name"],
+            f"{row['value']:.3g}" if row["value"] is not None else "—",
+            row["target"],
+            {True: "met", False: "MISSED", None: ""}[row["met"]],
+        )
     return 0
 
 

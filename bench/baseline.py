@@ -57,8 +57,14 @@ class Answered:
 
 
 def mixed_load(
-    rng: np.random.Generator, shape: tuple[int, int, int], *, predicts: int, predict_n: int,
-    certify_ns: tuple[int, ...], n0: int, span_s: float,
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    *,
+    predicts: int,
+    predict_n: int,
+    certify_ns: tuple[int, ...],
+    n0: int,
+    span_s: float,
 ) -> list[MixedRequest]:
     """The requests of the mixed load, in arrival order; arrivals uniform in [0, span_s]."""
     kinds = [("predict", 0, predict_n)] * predicts + [("certify", n0, n) for n in certify_ns]
@@ -151,18 +157,39 @@ def summarize_run(answered: list[Answered]) -> dict[str, object]:
 
 
 async def compare_with_paper_loop(
-    client: httpx.AsyncClient, limit: Limit, *, predicts: int, predict_n: int, certify_ns: tuple[int, ...], n0: int,
-    span_s: float, alpha: float, seed: int,
+    client: httpx.AsyncClient,
+    limit: Limit,
+    *,
+    predicts: int,
+    predict_n: int,
+    certify_ns: tuple[int, ...],
+    n0: int,
+    span_s: float,
+    alpha: float,
+    seed: int,
 ) -> dict[str, object]:
     """The same mixed load through the paper's loop (in process) and the service (HTTP); speed-ups."""
     manifest = limit.manifest
-    load = mixed_load(np.random.default_rng(seed), manifest.input_shape, predicts=predicts, predict_n=predict_n,
-                      certify_ns=certify_ns, n0=n0, span_s=span_s)
+    load = mixed_load(
+        np.random.default_rng(seed),
+        manifest.input_shape,
+        predicts=predicts,
+        predict_n=predict_n,
+        certify_ns=certify_ns,
+        n0=n0,
+        span_s=span_s,
+    )
     paper = summarize_run(on_compute_thread(run_paper_loop, limit, load, alpha))
     service = summarize_run(await run_service_load(client, manifest.id, load, alpha))
     return {
-        "load": {"predicts": predicts, "predict_n": predict_n, "certify_ns": list(certify_ns), "n0": n0,
-                 "arrival_span_s": span_s, "samples": sum(r.samples for r in load)},
+        "load": {
+            "predicts": predicts,
+            "predict_n": predict_n,
+            "certify_ns": list(certify_ns),
+            "n0": n0,
+            "arrival_span_s": span_s,
+            "samples": sum(r.samples for r in load),
+        },
         "paper_loop": paper,
         "service": service,
         "throughput_speedup": service["samples_per_s"] / paper["samples_per_s"],

@@ -43,8 +43,9 @@ async def repeated_certify(
     latencies = []
     not_cached = 0
     for i in range(WARMUP_HITS + hits):
-        latency, answer = await post(client, "/v1/certify", image_body(pixels, manifest.id, 2 + i, n0=n0, n=n,
-                                                                       alpha=alpha))
+        latency, answer = await post(
+            client, "/v1/certify", image_body(pixels, manifest.id, 2 + i, n0=n0, n=n, alpha=alpha)
+        )
         not_cached += not answer["cached"]
         if i >= WARMUP_HITS:
             latencies.append(latency)

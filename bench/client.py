@@ -34,7 +34,9 @@ class Tally:
 
 def new_client(url: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        base_url=url, timeout=REQUEST_TIMEOUT_S, trust_env=False,
+        base_url=url,
+        timeout=REQUEST_TIMEOUT_S,
+        trust_env=False,
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
     )
 

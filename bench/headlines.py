@@ -22,32 +22,63 @@ def headlines(results: dict[str, Any]) -> list[dict[str, Any]]:
     library = results.get("library")
     if library:
         fraction = library["fraction_of_limit"]
-        rows.append(headline("library CERTIFY samples/s ÷ L", fraction, f"≥ {LIBRARY_TARGET}",
-                             fraction >= LIBRARY_TARGET))
+        rows.append(
+            headline("library CERTIFY samples/s ÷ L", fraction, f"≥ {LIBRARY_TARGET}", fraction >= LIBRARY_TARGET)
+        )
     for load in results.get("service", {}).get("loads", []):
         k, fraction = load["clients"], load["fraction_of_limit"]
         targeted = k >= SERVICE_TARGET_FROM_K
-        rows.append(headline(f"service samples/s ÷ L, K = {k} certify clients", fraction,
-                             f"≥ {SERVICE_TARGET}" if targeted else "—",
-                             fraction >= SERVICE_TARGET if targeted else None))
+        rows.append(
+            headline(
+                f"service samples/s ÷ L, K = {k} certify clients",
+                fraction,
+                f"≥ {SERVICE_TARGET}" if targeted else "—",
+                fraction >= SERVICE_TARGET if targeted else None,
+            )
+        )
     mixed = results.get("mixed_load")
     if mixed:
-        rows.append(headline("mixed load: service ÷ paper loop, total samples/s", mixed["throughput_speedup"],
-                             f"≥ {SPEEDUP_TARGET:g}", mixed["throughput_speedup"] >= SPEEDUP_TARGET, "×"))
-        rows.append(headline("mixed load: paper loop ÷ service, predict p99", mixed["predict_p99_speedup"], "—",
-                             None, "×"))
+        rows.append(
+            headline(
+                "mixed load: service ÷ paper loop, total samples/s",
+                mixed["throughput_speedup"],
+                f"≥ {SPEEDUP_TARGET:g}",
+                mixed["throughput_speedup"] >= SPEEDUP_TARGET,
+                "×",
+            )
+        )
+        rows.append(
+            headline("mixed load: paper loop ÷ service, predict p99", mixed["predict_p99_speedup"], "—", None, "×")
+        )
     latency = results.get("latency")
     if latency:
         ratio = latency["p99_saturated_over_idle"]
-        rows.append(headline("predict p99 saturated ÷ idle", ratio, f"≤ {LATENCY_RATIO_TARGET:g}",
-                             ratio <= LATENCY_RATIO_TARGET, "×"))
+        rows.append(
+            headline(
+                "predict p99 saturated ÷ idle", ratio, f"≤ {LATENCY_RATIO_TARGET:g}", ratio <= LATENCY_RATIO_TARGET, "×"
+            )
+        )
     cache = results.get("cache", {}).get("redis")
     if cache is not None:
         p99 = cache.get("repeats", {}).get("p99_ms")
-        rows.append(headline("certify answered from Redis, p99", p99, f"≤ {CACHE_P99_TARGET_MS:g} ms",
-                             None if p99 is None else p99 <= CACHE_P99_TARGET_MS, "ms"))
+        rows.append(
+            headline(
+                "certify answered from Redis, p99",
+                p99,
+                f"≤ {CACHE_P99_TARGET_MS:g} ms",
+                None if p99 is None else p99 <= CACHE_P99_TARGET_MS,
+                "ms",
+            )
+        )
     memory = results.get("memory")
     if memory:
-        rows.append(headline(f"service RSS growth over {memory['duration_s']:.0f} s at K = {memory['clients']}",
-                             memory["fitted_growth_mib"], "flat", memory["flat"], "MiB"))
+        rows.append(
+            headline(
+                f"service RSS growth over {memory['duration_s']:.0f} s at K = {memory['clients']}",
+                memory["fitted_growth_mib"],
+                "flat",
+                memory["flat"],
+                "MiB",
+            )
+        )
     return rows

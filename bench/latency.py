@@ -39,8 +39,18 @@ async def sequential_predicts(
 
 
 async def saturated_predicts(
-    client: httpx.AsyncClient, limit: Limit, count: int, *, n: int, certifiers: int, n0: int, certify_n: int,
-    alpha: float, warmup_s: float, limit_seconds: float, rng: np.random.Generator,
+    client: httpx.AsyncClient,
+    limit: Limit,
+    count: int,
+    *,
+    n: int,
+    certifiers: int,
+    n0: int,
+    certify_n: int,
+    alpha: float,
+    warmup_s: float,
+    limit_seconds: float,
+    rng: np.random.Generator,
 ) -> dict[str, object]:
     """Sequential predicts while ``certifiers`` closed-loop certify clients keep the device busy."""
     manifest = limit.manifest
@@ -69,7 +79,13 @@ async def saturated_predicts(
 
 
 async def predict_sweep_point(
-    client: httpx.AsyncClient, limit: Limit, clients: int, *, n: int, alpha: float, window_s: float,
+    client: httpx.AsyncClient,
+    limit: Limit,
+    clients: int,
+    *,
+    n: int,
+    alpha: float,
+    window_s: float,
     rng: np.random.Generator,
 ) -> dict[str, object]:
     """``clients`` closed-loop predict clients for ``window_s``: answers/s and latency of the answers in the window."""
@@ -105,16 +121,37 @@ def knee(points: list[dict[str, object]]) -> int | None:
 
 
 async def measure_latency(
-    client: httpx.AsyncClient, limit: Limit, *, n: int, alpha: float, idle_count: int, saturated_count: int,
-    certifiers: int, n0: int, certify_n: int, warmup_s: float, sweep: tuple[int, ...], sweep_window_s: float,
-    limit_seconds: float, seed: int,
+    client: httpx.AsyncClient,
+    limit: Limit,
+    *,
+    n: int,
+    alpha: float,
+    idle_count: int,
+    saturated_count: int,
+    certifiers: int,
+    n0: int,
+    certify_n: int,
+    warmup_s: float,
+    sweep: tuple[int, ...],
+    sweep_window_s: float,
+    limit_seconds: float,
+    seed: int,
 ) -> dict[str, object]:
     """Predict latency idle vs saturated (the ratio of p99s), and the throughput/latency sweep with its knee."""
     rng = np.random.default_rng(seed)
     idle = summarize(await sequential_predicts(client, limit, idle_count, n=n, alpha=alpha, rng=rng))
     saturated = await saturated_predicts(
-        client, limit, saturated_count, n=n, certifiers=certifiers, n0=n0, certify_n=certify_n, alpha=alpha,
-        warmup_s=warmup_s, limit_seconds=limit_seconds, rng=rng,
+        client,
+        limit,
+        saturated_count,
+        n=n,
+        certifiers=certifiers,
+        n0=n0,
+        certify_n=certify_n,
+        alpha=alpha,
+        warmup_s=warmup_s,
+        limit_seconds=limit_seconds,
+        rng=rng,
     )
     points = [
         await predict_sweep_point(client, limit, c, n=n, alpha=alpha, window_s=sweep_window_s, rng=rng) for c in sweep

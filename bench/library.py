@@ -14,8 +14,9 @@ from bench.limit import Limit, limit_rate
 from smoothing.core import certify
 
 
-def certify_for(limit: Limit, images: torch.Tensor, seconds: float, *, n0: int, n: int, alpha: float, first_seed: int
-                ) -> tuple[int, float, list[dict[str, object]]]:
+def certify_for(
+    limit: Limit, images: torch.Tensor, seconds: float, *, n0: int, n: int, alpha: float, first_seed: int
+) -> tuple[int, float, list[dict[str, object]]]:
     """Certify ``images`` in turn (wrapping around) for at least ``seconds``; return (samples, seconds, answers)."""
     manifest = limit.manifest
     answers = []
@@ -23,15 +24,30 @@ def certify_for(limit: Limit, images: torch.Tensor, seconds: float, *, n0: int, 
     while not answers or time.perf_counter() - started < seconds:
         x = images[len(answers) % len(images)]
         certificate = certify(
-            limit.model, x, sigma=manifest.sigma, num_classes=manifest.num_classes, n0=n0, n=n, alpha=alpha,
-            batch_size=limit.batch_size, seed=first_seed + len(answers), channels_last=limit.channels_last,
+            limit.model,
+            x,
+            sigma=manifest.sigma,
+            num_classes=manifest.num_classes,
+            n0=n0,
+            n=n,
+            alpha=alpha,
+            batch_size=limit.batch_size,
+            seed=first_seed + len(answers),
+            channels_last=limit.channels_last,
         )
         answers.append({"label": certificate.label, "radius": certificate.radius})
     return len(answers) * (n0 + n), time.perf_counter() - started, answers
 
 
 def measure_library(
-    limit: Limit, images: torch.Tensor, *, n0: int, n: int, alpha: float, rounds: int, seconds: float,
+    limit: Limit,
+    images: torch.Tensor,
+    *,
+    n0: int,
+    n: int,
+    alpha: float,
+    rounds: int,
+    seconds: float,
     limit_seconds: float,
 ) -> dict[str, object]:
     """CERTIFY samples/s of the library (same model, batch size and memory format as L) over L.
@@ -47,12 +63,19 @@ def measure_library(
         )
         limits.append(limit_rate(limit, limit_seconds))
         rate = samples / elapsed
-        rows.append({"certifications": len(round_answers), "samples_per_s": rate,
-                     "limit_samples_per_s": (limits[-2] + limits[-1]) / 2,
-                     "fraction_of_limit": rate / ((limits[-2] + limits[-1]) / 2)})
+        rows.append(
+            {
+                "certifications": len(round_answers),
+                "samples_per_s": rate,
+                "limit_samples_per_s": (limits[-2] + limits[-1]) / 2,
+                "fraction_of_limit": rate / ((limits[-2] + limits[-1]) / 2),
+            }
+        )
         answers.extend(round_answers)
-    rate = sum(r["certifications"] for r in rows) * (n0 + n) / sum(
-        r["certifications"] * (n0 + n) / r["samples_per_s"] for r in rows
+    rate = (
+        sum(r["certifications"] for r in rows)
+        * (n0 + n)
+        / sum(r["certifications"] * (n0 + n) / r["samples_per_s"] for r in rows)
     )
     mean_limit = sum(limits) / len(limits)
     return {

@@ -27,6 +27,7 @@ from smoothing.tuning import (
     Autocast,
     InferencePlan,
     fold_batchnorm,
+    keep_freed_memory,
     measure_throughput,
     prepare_for_inference,
     sweep_batch_sizes,
@@ -60,7 +61,12 @@ def limit_rate(limit: Limit, seconds: float) -> float:
     """One measurement of L: samples/s of noise + forward + argmax at the best batch, over ``seconds``."""
     return on_compute_thread(
         measure_throughput,
-        limit.model, limit.manifest.input_shape, limit.batch_size, limit.channels_last, limit.device, seconds,
+        limit.model,
+        limit.manifest.input_shape,
+        limit.batch_size,
+        limit.channels_last,
+        limit.device,
+        seconds,
     )
 
 
@@ -88,8 +94,15 @@ def radius_check(
     """Certify each image in float32 and in reduced precision with the same seed, and in float32 with
     another seed (the sampling spread). Passes when, for every image, the top class agrees and the
     count of the top class differs by at most 3 binomial standard deviations (+1)."""
-    common = dict(sigma=manifest.sigma, num_classes=manifest.num_classes, n0=n0, n=n, alpha=alpha,
-                  batch_size=plan.batch_size, channels_last=plan.channels_last)
+    common = dict(
+        sigma=manifest.sigma,
+        num_classes=manifest.num_classes,
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        batch_size=plan.batch_size,
+        channels_last=plan.channels_last,
+    )
     rows = []
     for i, x in enumerate(images):
         full = certify(plan.model, x, seed=1_000 + i, **common)
@@ -97,15 +110,17 @@ def radius_check(
         other_seed = certify(plan.model, x, seed=2_000 + i, **common)
         p = full.n_a / n
         allowed = 3 * math.sqrt(n * p * (1 - p)) + 1
-        rows.append({
-            "radius_float32": full.radius,
-            "radius_reduced": low.radius,
-            "radius_float32_other_seed": other_seed.radius,
-            "n_a_float32": full.n_a,
-            "n_a_reduced": low.n_a if low.top_class == full.top_class else None,
-            "n_a_allowed_difference": round(allowed, 1),
-            "ok": low.top_class == full.top_class and abs(low.n_a - full.n_a) <= allowed,
-        })
+        rows.append(
+            {
+                "radius_float32": full.radius,
+                "radius_reduced": low.radius,
+                "radius_float32_other_seed": other_seed.radius,
+                "n_a_float32": full.n_a,
+                "n_a_reduced": low.n_a if low.top_class == full.top_class else None,
+                "n_a_allowed_difference": round(allowed, 1),
+                "ok": low.top_class == full.top_class and abs(low.n_a - full.n_a) <= allowed,
+            }
+        )
     return {
         "images": len(rows),
         "n0": n0,
@@ -158,14 +173,33 @@ def measure_limit(
     raw_model, manifest = load_model(model_dir, model_id, device)
     shape = manifest.input_shape
     started = time.perf_counter()
-    ladder = [{"step": "paper loop: model as loaded, batch 1,000, contiguous, denormal floats kept",
-               "samples_per_s": paper_loop_rate(raw_model, shape, device, seconds)}]
+    ladder = [
+        {
+            "step": "paper loop: model as loaded, batch 1,000, contiguous, denormal floats kept",
+            "samples_per_s": paper_loop_rate(raw_model, shape, device, seconds),
+        }
+    ]
     torch.set_flush_denormal(True)  # as prepare_for_inference does; in the ladder as its own step
-    ladder.append({"step": "+ denormal floats flushed to zero",
-                   "samples_per_s": measure_throughput(raw_model, shape, PAPER_BATCH, False, device, seconds)})
+    ladder.append(
+        {
+            "step": "+ denormal floats flushed to zero",
+            "samples_per_s": measure_throughput(raw_model, shape, PAPER_BATCH, False, device, seconds),
+        }
+    )
+    keep_freed_memory()  # as prepare_for_inference does, for the whole process (the paper loop's later runs too)
+    ladder.append(
+        {
+            "step": "+ malloc keeps freed memory (no page faults on every batch's buffers)",
+            "samples_per_s": measure_throughput(raw_model, shape, PAPER_BATCH, False, device, seconds),
+        }
+    )
     folded = fold_batchnorm(raw_model)
-    ladder.append({"step": "+ BatchNorm folded into the convolutions",
-                   "samples_per_s": measure_throughput(folded, shape, PAPER_BATCH, False, device, seconds)})
+    ladder.append(
+        {
+            "step": "+ BatchNorm folded into the convolutions",
+            "samples_per_s": measure_throughput(folded, shape, PAPER_BATCH, False, device, seconds),
+        }
+    )
 
     # The plan is the service's own tuning (same sweep, written to the cache file the service reads).
     plan = prepare_for_inference(
@@ -189,21 +223,28 @@ def measure_limit(
     float32 = Limit(manifest, raw_model, plan, plan.model, "float32", device)
     float32_rate = limit_rate(float32, seconds)
     memory_format = "channels-last" if plan.channels_last else "contiguous"
-    ladder.append({"step": f"+ best batch {plan.batch_size}, {memory_format} (= L in float32)",
-                   "samples_per_s": float32_rate})
+    ladder.append(
+        {"step": f"+ best batch {plan.batch_size}, {memory_format} (= L in float32)", "samples_per_s": float32_rate}
+    )
 
     limit, rate, tried = float32, float32_rate, []
     for dtype in reduced_precisions(device):
         reduced = Autocast(plan.model, dtype, device.type)
         candidate = Limit(manifest, raw_model, plan, reduced, dtype_name(dtype), device)
         # Alternate the two precisions so that a shared machine's drift hits both alike.
-        pairs = [(limit_rate(float32, precision_seconds), limit_rate(candidate, precision_seconds))
-                 for _ in range(precision_rounds)]
+        pairs = [
+            (limit_rate(float32, precision_seconds), limit_rate(candidate, precision_seconds))
+            for _ in range(precision_rounds)
+        ]
         ratio = statistics.median(low / full for full, low in pairs)
         reduced_rate = ratio * float32_rate
-        entry: dict[str, object] = {"dtype": dtype_name(dtype), "samples_per_s": reduced_rate,
-                                    "ratio_to_float32": ratio, "used": False,
-                                    "pairs_samples_per_s": [[round(a), round(b)] for a, b in pairs]}
+        entry: dict[str, object] = {
+            "dtype": dtype_name(dtype),
+            "samples_per_s": reduced_rate,
+            "ratio_to_float32": ratio,
+            "used": False,
+            "pairs_samples_per_s": [[round(a), round(b)] for a, b in pairs],
+        }
         if ratio < FASTER_BY:
             entry["reason"] = "not faster than float32 on this device"
         elif check_images is None or len(check_images) == 0:
@@ -231,11 +272,23 @@ def measure_limit(
             ladder.append({"step": f"+ batch {batch} (= L)", "samples_per_s": rate})
 
     if limit is not float32:  # the service's tuning cache gets L's plan for the server to run (CERTSERVE_PRECISION)
-        prepare_for_inference(raw_model, shape, device, cache_key=manifest.sha256, cache_file=tuning_cache,
-                              candidates=(limit.batch_size,), precision=limit.precision)
+        prepare_for_inference(
+            raw_model,
+            shape,
+            device,
+            cache_key=manifest.sha256,
+            cache_file=tuning_cache,
+            candidates=(limit.batch_size,),
+            precision=limit.precision,
+        )
     section = {
-        "model_as_measured": {"bn_folded": True, "batch_size": limit.batch_size, "channels_last": plan.channels_last,
-                              "precision": limit.precision, "inference_mode": True},
+        "model_as_measured": {
+            "bn_folded": True,
+            "batch_size": limit.batch_size,
+            "channels_last": plan.channels_last,
+            "precision": limit.precision,
+            "inference_mode": True,
+        },
         "samples_per_s": rate,
         "samples_per_s_float32": float32_rate,
         "batch_sweep": {fmt: {str(b): r for b, r in table.items()} for fmt, table in sweep.items()},

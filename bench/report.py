@@ -32,20 +32,35 @@ def machine_section(r: dict[str, Any]) -> list[str]:
     m, model, s = r["machine"], r["model"], r["settings"]
     rows = [
         ["date (UTC)", m["date_utc"]],
-        ["CPU", f"{m['cpu_model']}, {m['cpu_cores']} cores ({m['cpu_cores_usable']} usable), "
-                f"bf16 flags: {', '.join(m['cpu_bf16_flags']) or 'none'}"],
+        [
+            "CPU",
+            f"{m['cpu_model']}, {m['cpu_cores']} cores ({m['cpu_cores_usable']} usable), "
+            f"bf16 flags: {', '.join(m['cpu_bf16_flags']) or 'none'}",
+        ],
         ["memory", f"{m['memory_gib']} GiB"],
         ["load average at start", ", ".join(str(v) for v in m["load_average_at_start"])],
         ["device", m["device"] if m["device"] == "cpu" else f"{m['device']} ({m['device_name']}, CUDA {m['cuda']})"],
-        ["software", f"Python {m['python']}, torch {m['torch']}, {m['torch_threads']} intra-op threads "
-                     f"({m['torch_interop_threads']} inter-op)"],
+        [
+            "software",
+            f"Python {m['python']}, torch {m['torch']}, {m['torch_threads']} intra-op threads "
+            f"({m['torch_interop_threads']} inter-op)",
+        ],
         ["commit", str(m["git_commit"])],
-        ["model", f"{model['id']} ({model['architecture']}, {model['dataset']}, input "
-                  f"{'×'.join(map(str, model['input_shape']))}, σ = {model['sigma']})"],
-        ["requests", f"CERTIFY n0 = {s['n0']}, n = {num(s['certify_n'])}; PREDICT n = {s['predict_n']}; "
-                     f"α = {s['alpha']}; images: {r.get('images', '?')}"],
-        ["run", f"{'quick (smoke test: sizes too small to mean anything)' if r['quick'] else 'full'}, "
-                f"{num(r.get('total_seconds'))} s"],
+        [
+            "model",
+            f"{model['id']} ({model['architecture']}, {model['dataset']}, input "
+            f"{'×'.join(map(str, model['input_shape']))}, σ = {model['sigma']})",
+        ],
+        [
+            "requests",
+            f"CERTIFY n0 = {s['n0']}, n = {num(s['certify_n'])}; PREDICT n = {s['predict_n']}; "
+            f"α = {s['alpha']}; images: {r.get('images', '?')}",
+        ],
+        [
+            "run",
+            f"{'quick (smoke test: sizes too small to mean anything)' if r['quick'] else 'full'}, "
+            f"{num(r.get('total_seconds'))} s",
+        ],
     ]
     return table(["", ""], rows)
 
@@ -70,8 +85,10 @@ def limit_section(r: dict[str, Any]) -> list[str]:
         "",
     ]
     first = lim["ladder"][0]["samples_per_s"]
-    lines += table(["setting", "samples/s", "× paper loop"],
-                   [[s["step"], num(s["samples_per_s"]), f"{s['samples_per_s'] / first:.2f}"] for s in lim["ladder"]])
+    lines += table(
+        ["setting", "samples/s", "× paper loop"],
+        [[s["step"], num(s["samples_per_s"]), f"{s['samples_per_s'] / first:.2f}"] for s in lim["ladder"]],
+    )
     sweep = lim["batch_sweep"]
     batches = sorted({int(b) for t in sweep.values() for b in t})
     lines += ["", "Batch-size sweep (samples/s, BatchNorm folded):", ""]
@@ -82,22 +99,32 @@ def limit_section(r: dict[str, Any]) -> list[str]:
         rows.append([f"{fmt}, {used['precision']}"] + [num(reduced.get(str(b))) for b in batches])
     lines += table(["memory format"] + [str(b) for b in batches], rows)
     best = lim["sweep_best"]
-    lines += ["", f"The service's tuner (`prepare_for_inference`, whose plan L uses) picked batch {used['batch_size']}"
-                  ", "
-                  f"{'channels-last' if used['channels_last'] else 'contiguous'}; this second sweep's best was batch "
-                  f"{best['batch_size']}, {best['memory_format'].replace('_', '-')} ({num(best['samples_per_s'])})."]
+    lines += [
+        "",
+        f"The service's tuner (`prepare_for_inference`, whose plan L uses) picked batch {used['batch_size']}"
+        ", "
+        f"{'channels-last' if used['channels_last'] else 'contiguous'}; this second sweep's best was batch "
+        f"{best['batch_size']}, {best['memory_format'].replace('_', '-')} ({num(best['samples_per_s'])}).",
+    ]
     fold = lim["bn_folding"]
-    lines += ["", f"BatchNorm folding at the best batch: {num(fold['folded_samples_per_s'])} samples/s folded, "
-                  f"{num(fold['unfolded_samples_per_s'])} unfolded."]
+    lines += [
+        "",
+        f"BatchNorm folding at the best batch: {num(fold['folded_samples_per_s'])} samples/s folded, "
+        f"{num(fold['unfolded_samples_per_s'])} unfolded.",
+    ]
     for p in lim["precisions"]:
-        text = (f"{p['dtype']} autocast: {num(p['samples_per_s'])} samples/s = {p['ratio_to_float32']:.2f}× float32; "
-                f"{'used' if p['used'] else 'not used'} ({p.get('reason', '')}).")
+        text = (
+            f"{p['dtype']} autocast: {num(p['samples_per_s'])} samples/s = {p['ratio_to_float32']:.2f}× float32; "
+            f"{'used' if p['used'] else 'not used'} ({p.get('reason', '')})."
+        )
         check = p.get("radius_check")
         if check:
             same, spread = check["max_radius_difference_same_seed"], check["max_radius_difference_between_seeds"]
-            text += (f" Radii on {check['images']} images (n = {num(check['n'])}, same seeds): max |Δr| = "
-                     f"{same:.4f} vs {spread:.4f} between two float32 seeds; "
-                     f"{'within' if check['passed'] else 'beyond'} sampling error.")
+            text += (
+                f" Radii on {check['images']} images (n = {num(check['n'])}, same seeds): max |Δr| = "
+                f"{same:.4f} vs {spread:.4f} between two float32 seeds; "
+                f"{'within' if check['passed'] else 'beyond'} sampling error."
+            )
         lines += ["", text]
     return lines
 
@@ -118,19 +145,39 @@ def service_section(r: dict[str, Any]) -> list[str]:
     rows = []
     for load in svc["loads"]:
         lat = load["latency"]
-        rows.append([str(load["clients"]), num(load["samples_per_s"]), num(load["limit_samples_per_s"]),
-                     f"**{load['fraction_of_limit']:.3f}**"]
-                    + ([f"{load['fraction_of_float32_limit']:.3f}"] if float32 else [])
-                    + [f"{load['window_s']:.0f}",
-                     str(load["certifications_finished_in_window"]), num(lat["p50_ms"]), num(lat["p99_ms"]),
-                     ", ".join(f"{k}: {v}" for k, v in load["errors"].items()) or "none"])
-    lines = [f"K closed-loop clients over HTTP, each certifying a new image after the other (n0 = {svc['n0']}, "
-             f"n = {num(svc['n'])}); samples/s from the service's `certserve_noise_samples_total` over the window.", ""]
+        rows.append(
+            [
+                str(load["clients"]),
+                num(load["samples_per_s"]),
+                num(load["limit_samples_per_s"]),
+                f"**{load['fraction_of_limit']:.3f}**",
+            ]
+            + ([f"{load['fraction_of_float32_limit']:.3f}"] if float32 else [])
+            + [
+                f"{load['window_s']:.0f}",
+                str(load["certifications_finished_in_window"]),
+                num(lat["p50_ms"]),
+                num(lat["p99_ms"]),
+                ", ".join(f"{k}: {v}" for k, v in load["errors"].items()) or "none",
+            ]
+        )
+    lines = [
+        f"K closed-loop clients over HTTP, each certifying a new image after the other (n0 = {svc['n0']}, "
+        f"n = {num(svc['n'])}); samples/s from the service's `certserve_noise_samples_total` over the window.",
+        "",
+    ]
     if float32:
-        lines += [f"L uses {r['limit']['model_as_measured']['precision']}, and so does the service (started with "
-                  "CERTSERVE_PRECISION set to it); its fraction of L in float32 is given too.", ""]
-    return lines + table(["K", "samples/s", "L (around)", "÷ L"] + (["÷ L float32"] if float32 else [])
-                         + ["window s", "certs done", "p50 ms", "p99 ms", "errors"], rows)
+        lines += [
+            f"L uses {r['limit']['model_as_measured']['precision']}, and so does the service (started with "
+            "CERTSERVE_PRECISION set to it); its fraction of L in float32 is given too.",
+            "",
+        ]
+    return lines + table(
+        ["K", "samples/s", "L (around)", "÷ L"]
+        + (["÷ L float32"] if float32 else [])
+        + ["window s", "certs done", "p50 ms", "p99 ms", "errors"],
+        rows,
+    )
 
 
 def memory_section(r: dict[str, Any]) -> list[str]:
@@ -148,19 +195,39 @@ def memory_section(r: dict[str, Any]) -> list[str]:
 def latency_section(r: dict[str, Any]) -> list[str]:
     lat = r["latency"]
     idle, sat = lat["idle"], lat["saturated"]
-    lines = table(["/v1/predict, n = 100", "requests", "p50 ms", "p99 ms"], [
-        ["idle", str(idle["count"]), num(idle["p50_ms"], 1), num(idle["p99_ms"], 1)],
-        [f"{sat['certify_clients']} certify clients saturating the device ({sat['device_fraction_of_limit']:.2f} L)",
-         str(sat["predict"]["count"]), num(sat["predict"]["p50_ms"], 1), num(sat["predict"]["p99_ms"], 1)],
-    ])
-    lines += ["", f"p99 saturated ÷ idle = **{lat['p99_saturated_over_idle']:.2f}** "
-                  f"(p50: {lat['p50_saturated_over_idle']:.2f}).", "",
-              "Closed-loop predict clients (throughput against latency):", ""]
-    lines += table(["clients", "predicts/s", "samples/s", "p50 ms", "p99 ms", "errors"], [
-        [str(p["clients"]), num(p["predicts_per_s"], 1), num(p["samples_per_s"]), num(p["p50_ms"], 1),
-         num(p["p99_ms"], 1), ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "none"]
-        for p in lat["sweep"]
-    ])
+    lines = table(
+        ["/v1/predict, n = 100", "requests", "p50 ms", "p99 ms"],
+        [
+            ["idle", str(idle["count"]), num(idle["p50_ms"], 1), num(idle["p99_ms"], 1)],
+            [
+                f"{sat['certify_clients']} certify clients saturating the device ({sat['device_fraction_of_limit']:.2f} L)",
+                str(sat["predict"]["count"]),
+                num(sat["predict"]["p50_ms"], 1),
+                num(sat["predict"]["p99_ms"], 1),
+            ],
+        ],
+    )
+    lines += [
+        "",
+        f"p99 saturated ÷ idle = **{lat['p99_saturated_over_idle']:.2f}** (p50: {lat['p50_saturated_over_idle']:.2f}).",
+        "",
+        "Closed-loop predict clients (throughput against latency):",
+        "",
+    ]
+    lines += table(
+        ["clients", "predicts/s", "samples/s", "p50 ms", "p99 ms", "errors"],
+        [
+            [
+                str(p["clients"]),
+                num(p["predicts_per_s"], 1),
+                num(p["samples_per_s"]),
+                num(p["p50_ms"], 1),
+                num(p["p99_ms"], 1),
+                ", ".join(f"{k}: {v}" for k, v in p["errors"].items()) or "none",
+            ]
+            for p in lat["sweep"]
+        ],
+    )
     lines += ["", f"Knee: **{lat['knee_clients']} clients** ({lat['knee_rule']})."]
     return lines
 
@@ -168,20 +235,36 @@ def latency_section(r: dict[str, Any]) -> list[str]:
 def mixed_section(r: dict[str, Any]) -> list[str]:
     mix = r["mixed_load"]
     load = mix["load"]
-    lines = [f"{load['predicts']} predicts (n = {load['predict_n']}) and certifications with n = "
-             f"{', '.join(num(n) for n in load['certify_ns'])} (n0 = {load['n0']}), arriving at random within "
-             f"{load['arrival_span_s']:g} s: {num(load['samples'])} samples in all. The paper's loop serves them one "
-             "at a time in arrival order, each in batches of 1,000 through the model as loaded (in process, no HTTP); "
-             "the service gets them over HTTP.", ""]
+    lines = [
+        f"{load['predicts']} predicts (n = {load['predict_n']}) and certifications with n = "
+        f"{', '.join(num(n) for n in load['certify_ns'])} (n0 = {load['n0']}), arriving at random within "
+        f"{load['arrival_span_s']:g} s: {num(load['samples'])} samples in all. The paper's loop serves them one "
+        "at a time in arrival order, each in batches of 1,000 through the model as loaded (in process, no HTTP); "
+        "the service gets them over HTTP.",
+        "",
+    ]
     rows = []
     for name, run in (("paper loop", mix["paper_loop"]), ("service", mix["service"])):
         p, c = run["predict_latency"], run["certify_latency"]
-        rows.append([name, f"{run['makespan_s']:.1f}", num(run["samples_per_s"]), num(p["p50_ms"]),
-                     num(p["p99_ms"]), num(c["p50_ms"]), num(c["max_ms"])])
-    lines += table(["", "makespan s", "samples/s", "predict p50 ms", "predict p99 ms", "certify p50 ms",
-                    "certify max ms"], rows)
-    lines += ["", f"Speed-up: **{mix['throughput_speedup']:.2f}×** total throughput; predict latency "
-                  f"{mix['predict_p50_speedup']:.1f}× lower at p50, {mix['predict_p99_speedup']:.1f}× at p99."]
+        rows.append(
+            [
+                name,
+                f"{run['makespan_s']:.1f}",
+                num(run["samples_per_s"]),
+                num(p["p50_ms"]),
+                num(p["p99_ms"]),
+                num(c["p50_ms"]),
+                num(c["max_ms"]),
+            ]
+        )
+    lines += table(
+        ["", "makespan s", "samples/s", "predict p50 ms", "predict p99 ms", "certify p50 ms", "certify max ms"], rows
+    )
+    lines += [
+        "",
+        f"Speed-up: **{mix['throughput_speedup']:.2f}×** total throughput; predict latency "
+        f"{mix['predict_p50_speedup']:.1f}× lower at p50, {mix['predict_p99_speedup']:.1f}× at p99.",
+    ]
     return lines
 
 
@@ -192,11 +275,20 @@ def cache_section(r: dict[str, Any]) -> list[str]:
             rows.append([name, f"not measured: {c['unavailable']}", "", "", ""])
             continue
         rep = c["repeats"]
-        rows.append([f"{name}" + (f" ({c['url']})" if "url" in c else ""), str(rep["count"]), num(rep["p50_ms"], 2),
-                     num(rep["p99_ms"], 2), str(c["repeats_not_cached"])])
-    return (["One image certified once (n = "
-             f"{num(r['settings']['cache_n'])}), then again with new seeds; latency of the repeats at the client.", ""]
-            + table(["cache", "repeats", "p50 ms", "p99 ms", "not cached"], rows))
+        rows.append(
+            [
+                f"{name}" + (f" ({c['url']})" if "url" in c else ""),
+                str(rep["count"]),
+                num(rep["p50_ms"], 2),
+                num(rep["p99_ms"], 2),
+                str(c["repeats_not_cached"]),
+            ]
+        )
+    return [
+        "One image certified once (n = "
+        f"{num(r['settings']['cache_n'])}), then again with new seeds; latency of the repeats at the client.",
+        "",
+    ] + table(["cache", "repeats", "p50 ms", "p99 ms", "not cached"], rows)
 
 
 SECTIONS = [
@@ -229,8 +321,11 @@ def render(runs: list[dict[str, Any]]) -> str:
         where = f"CPU: {m['cpu_model']}, {m['cpu_cores']} cores" if m["device"] == "cpu" else m["device_name"]
         lines += ["", f"## {where} — {r['model']['id']} ({m['date_utc'][:10]})"]
         if r["quick"]:
-            lines += ["", "> Quick run (the test suite's smoke test): sizes and windows too small for the numbers to "
-                          "mean anything."]
+            lines += [
+                "",
+                "> Quick run (the test suite's smoke test): sizes and windows too small for the numbers to "
+                "mean anything.",
+            ]
         for title, section in SECTIONS:
             lines += ["", f"### {title}", "", *section(r)]
     if FINDINGS.exists():

@@ -46,14 +46,28 @@ def certified_accuracy_curve(predict: np.ndarray, label: np.ndarray, radius: np.
     return np.array([np.mean(correct & (radius >= r)) for r in CURVE_RADII])
 
 
-def measure_model(model_id: str, fixed_log: Path, radii: list[float], n_max: int, tolerance: float,
-                  seed: int, registry: Path = DEFAULT_ROOT) -> dict:
+def measure_model(
+    model_id: str,
+    fixed_log: Path,
+    radii: list[float],
+    n_max: int,
+    tolerance: float,
+    seed: int,
+    registry: Path = DEFAULT_ROOT,
+) -> dict:
     model, manifest = load_model(registry, model_id)
     plan = prepare_for_inference(model, manifest.input_shape, cache_key=manifest.sha256)
     dataset = load_dataset(manifest.dataset, "test")
     reference = read_log(fixed_log)
-    common = dict(sigma=manifest.sigma, num_classes=manifest.num_classes, alpha=ALPHA, batch_size=plan.batch_size,
-                  n0=N0, n_max=n_max, channels_last=plan.channels_last)
+    common = dict(
+        sigma=manifest.sigma,
+        num_classes=manifest.num_classes,
+        alpha=ALPHA,
+        batch_size=plan.batch_size,
+        n0=N0,
+        n_max=n_max,
+        channels_last=plan.channels_last,
+    )
     decisions: dict[float, list[dict]] = {r: [] for r in radii}
     adaptive: list[dict] = []
     started = time.perf_counter()
@@ -64,17 +78,26 @@ def measure_model(model_id: str, fixed_log: Path, radii: list[float], n_max: int
             d = certify_radius(plan.model, x, radius=r, seed=example_seed(seed, int(idx)), **common)
             fixed_certified = fixed_predict >= 0 and fixed_radius >= r
             agree = bool(d.certified == fixed_certified and (not d.certified or d.label == fixed_predict))
-            decisions[r].append({"idx": int(idx), "samples": d.samples, "certified": d.certified, "agree": agree,
-                                 "reason": d.reason})
+            decisions[r].append(
+                {"idx": int(idx), "samples": d.samples, "certified": d.certified, "agree": agree, "reason": d.reason}
+            )
         a = certify_adaptive(plan.model, x, tolerance=tolerance, seed=example_seed(seed + 1, int(idx)), **common)
-        adaptive.append({"idx": int(idx), "label": int(label), "predict": -1 if a.label is None else a.label,
-                         "radius": a.radius, "samples": a.samples})
+        adaptive.append(
+            {
+                "idx": int(idx),
+                "label": int(label),
+                "predict": -1 if a.label is None else a.label,
+                "radius": a.radius,
+                "samples": a.samples,
+            }
+        )
     fixed_samples = N0 + int(reference["n"][0]) if "n" in reference else N0 + DEFAULT_N_MAX
     cells = {}
     for r, rows_r in decisions.items():
         samples = np.array([row["samples"] for row in rows_r])
         cells[str(r)] = {
-            "mean_samples": float(samples.mean()), "p95_samples": float(np.percentile(samples, 95)),
+            "mean_samples": float(samples.mean()),
+            "p95_samples": float(np.percentile(samples, 95)),
             "reduction": fixed_samples / float(samples.mean()) if samples.mean() > 0 else float("inf"),
             "agreement": float(np.mean([row["agree"] for row in rows_r])),
             "certified_fixed": int(np.sum((reference["predict"] >= 0) & (reference["radius"] >= r))),
@@ -82,19 +105,30 @@ def measure_model(model_id: str, fixed_log: Path, radii: list[float], n_max: int
         }
     labels = reference["label"]
     fixed_curve = certified_accuracy_curve(reference["predict"], labels, reference["radius"])
-    adaptive_curve = certified_accuracy_curve(np.array([a["predict"] for a in adaptive]), labels,
-                                              np.array([a["radius"] for a in adaptive]))
+    adaptive_curve = certified_accuracy_curve(
+        np.array([a["predict"] for a in adaptive]), labels, np.array([a["radius"] for a in adaptive])
+    )
     adaptive_samples = np.array([a["samples"] for a in adaptive])
     return {
-        "model": model_id, "sigma": manifest.sigma, "images": len(rows), "fixed_samples": fixed_samples, "n_max": n_max,
-        "batch_size": plan.batch_size, "seconds": time.perf_counter() - started, "cells": cells,
+        "model": model_id,
+        "sigma": manifest.sigma,
+        "images": len(rows),
+        "fixed_samples": fixed_samples,
+        "n_max": n_max,
+        "batch_size": plan.batch_size,
+        "seconds": time.perf_counter() - started,
+        "cells": cells,
         "adaptive": {
-            "tolerance": tolerance, "mean_samples": float(adaptive_samples.mean()),
+            "tolerance": tolerance,
+            "mean_samples": float(adaptive_samples.mean()),
             "p95_samples": float(np.percentile(adaptive_samples, 95)),
             "reduction": fixed_samples / float(adaptive_samples.mean()),
             "max_curve_gap_points": float(100 * np.max(np.abs(fixed_curve - adaptive_curve))),
-            "curve": {"radii": CURVE_RADII[::25].tolist(), "fixed": fixed_curve[::25].tolist(),
-                      "adaptive": adaptive_curve[::25].tolist()},
+            "curve": {
+                "radii": CURVE_RADII[::25].tolist(),
+                "fixed": fixed_curve[::25].tolist(),
+                "adaptive": adaptive_curve[::25].tolist(),
+            },
         },
         "decisions": {str(r): rows_r for r, rows_r in decisions.items()},
     }
@@ -102,42 +136,67 @@ def measure_model(model_id: str, fixed_log: Path, radii: list[float], n_max: int
 
 def markdown(results: list[dict], command: str) -> str:
     looks = look_schedule(results[0]["n_max"])
-    lines = ["## Sample-efficient certification (issue 5)", "", f"Command: `{command}`", "",
-             f"Decision \"certified at r?\" (`certify_radius`, staged Clopper–Pearson at α/K, K = {len(looks)} looks "
-             f"at {', '.join(f'{n:,}' for n in looks)} estimation samples) against the paper's CERTIFY with "
-             f"n = {results[0]['fixed_samples'] - N0:,} on the same images (α = {ALPHA}, n0 = {N0} both).", "",
-             "| model | σ | r | mean samples | p95 samples | fewer samples (×) | agreement "
-             "| certified (fixed / seq.) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Sample-efficient certification (issue 5)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f'Decision "certified at r?" (`certify_radius`, staged Clopper–Pearson at α/K, K = {len(looks)} looks '
+        f"at {', '.join(f'{n:,}' for n in looks)} estimation samples) against the paper's CERTIFY with "
+        f"n = {results[0]['fixed_samples'] - N0:,} on the same images (α = {ALPHA}, n0 = {N0} both).",
+        "",
+        "| model | σ | r | mean samples | p95 samples | fewer samples (×) | agreement | certified (fixed / seq.) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     reductions = []
     for res in results:
         for r, cell in res["cells"].items():
             reductions.append(cell["reduction"])
-            lines.append(f"| {res['model']} | {res['sigma']} | {r} | {cell['mean_samples']:.0f} | "
-                         f"{cell['p95_samples']:.0f} | {cell['reduction']:.1f} | {100 * cell['agreement']:.0f}% | "
-                         f"{cell['certified_fixed']} / {cell['certified_sequential']} |")
+            lines.append(
+                f"| {res['model']} | {res['sigma']} | {r} | {cell['mean_samples']:.0f} | "
+                f"{cell['p95_samples']:.0f} | {cell['reduction']:.1f} | {100 * cell['agreement']:.0f}% | "
+                f"{cell['certified_fixed']} / {cell['certified_sequential']} |"
+            )
     total_fixed = sum(res["fixed_samples"] * res["images"] * len(res["cells"]) for res in results)
     total_sequential = sum(c["mean_samples"] * res["images"] for res in results for c in res["cells"].values())
-    lines += ["", f"All cells together: {total_fixed / total_sequential:.1f}× fewer samples; smallest cell: "
-              f"{min(reductions):.1f}× (∞: the radius is beyond what n_max samples can certify at level α/K, "
-              "answered without sampling).",
-              "", "Adaptive certificate (`certify_adaptive`) against the fixed-n curve:", "",
-              "| model | tolerance | mean samples | p95 samples | fewer samples (×) | largest gap of the curves | "
-              "gaps at r = 0, 0.25, 0.5, … (points) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"All cells together: {total_fixed / total_sequential:.1f}× fewer samples; smallest cell: "
+        f"{min(reductions):.1f}× (∞: the radius is beyond what n_max samples can certify at level α/K, "
+        "answered without sampling).",
+        "",
+        "Adaptive certificate (`certify_adaptive`) against the fixed-n curve:",
+        "",
+        "| model | tolerance | mean samples | p95 samples | fewer samples (×) | largest gap of the curves | "
+        "gaps at r = 0, 0.25, 0.5, … (points) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for res in results:
         a = res["adaptive"]
         curve = a["curve"]
-        gaps = " / ".join(f"{100 * (f - g):+.0f}" for f, g in zip(curve["fixed"], curve["adaptive"], strict=True)
-                          if f > 0 or g > 0)
-        lines.append(f"| {res['model']} | {a['tolerance']} | {a['mean_samples']:.0f} | {a['p95_samples']:.0f} | "
-                     f"{a['reduction']:.1f} | {a['max_curve_gap_points']:.1f} points | {gaps} |")
-    lines += ["", "The largest gap sits at the end of the curve: level α/K instead of α lowers the largest radius "
-              "n_max samples can certify (σ·Φ⁻¹((α/K)^(1/n_max)) instead of σ·Φ⁻¹(α^(1/n_max))), and every image "
-              "on which all samples agree sits at that ceiling."]
-    lines += ["", "Time of the sequential runs: " + ", ".join(
-        f"{res['model']} {res['seconds']:.0f} s ({res['images']} images, batch {res['batch_size']})"
-        for res in results) + ".", ""]
+        gaps = " / ".join(
+            f"{100 * (f - g):+.0f}" for f, g in zip(curve["fixed"], curve["adaptive"], strict=True) if f > 0 or g > 0
+        )
+        lines.append(
+            f"| {res['model']} | {a['tolerance']} | {a['mean_samples']:.0f} | {a['p95_samples']:.0f} | "
+            f"{a['reduction']:.1f} | {a['max_curve_gap_points']:.1f} points | {gaps} |"
+        )
+    lines += [
+        "",
+        "The largest gap sits at the end of the curve: level α/K instead of α lowers the largest radius "
+        "n_max samples can certify (σ·Φ⁻¹((α/K)^(1/n_max)) instead of σ·Φ⁻¹(α^(1/n_max))), and every image "
+        "on which all samples agree sits at that ceiling.",
+    ]
+    lines += [
+        "",
+        "Time of the sequential runs: "
+        + ", ".join(
+            f"{res['model']} {res['seconds']:.0f} s ({res['images']} images, batch {res['batch_size']})"
+            for res in results
+        )
+        + ".",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -145,16 +204,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["fmnist-resnet-sigma0.25", "fmnist-resnet-sigma0.50"])
     parser.add_argument("--registry", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--fixed-dir", type=Path, default=Path("results/fmnist"),
-                        help="folder of the fixed-n reference logs certify-n100k-sigma<σ>.tsv")
+    parser.add_argument(
+        "--fixed-dir",
+        type=Path,
+        default=Path("results/fmnist"),
+        help="folder of the fixed-n reference logs certify-n100k-sigma<σ>.tsv",
+    )
     parser.add_argument("--radii", nargs="+", type=float, default=[0.25, 0.5, 1.0])
     parser.add_argument("--n-max", type=int, default=DEFAULT_N_MAX)
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", type=Path, default=Path("bench/results/sample-efficiency/results.json"))
-    parser.add_argument("--report", type=Path, default=Path("bench/results/sample-efficiency/report.md"),
-                        help="Markdown section; BENCHMARKS.md includes it when python -m bench renders")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=Path("bench/results/sample-efficiency/report.md"),
+        help="Markdown section; BENCHMARKS.md includes it when python -m bench renders",
+    )
     parser.add_argument("--render-only", action="store_true", help="rewrite --report from --out, measuring nothing")
     args = parser.parse_args(argv)
     if args.render_only:
@@ -164,8 +231,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [measure_model(m, reference_path(args.fixed_dir, m), args.radii, args.n_max, args.tolerance, args.seed,
-                             args.registry) for m in args.models]
+    results = [
+        measure_model(
+            m, reference_path(args.fixed_dir, m), args.radii, args.n_max, args.tolerance, args.seed, args.registry
+        )
+        for m in args.models
+    ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))

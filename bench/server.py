@@ -45,41 +45,69 @@ def _die_with_parent() -> None:
 
 
 def server_env(
-    *, model_dir: Path, model_id: str, device: torch.device, port: int, tuning_cache: Path, job_db: Path,
-    redis_url: str | None, precision: str = "float32",
+    *,
+    model_dir: Path,
+    model_id: str,
+    device: torch.device,
+    port: int,
+    tuning_cache: Path,
+    job_db: Path,
+    redis_url: str | None,
+    precision: str = "float32",
 ) -> dict[str, str]:
     """The environment of a service serving one model; every other CERTSERVE_* variable is removed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CERTSERVE_")}
-    env.update({
-        "CERTSERVE_HOST": "127.0.0.1",
-        "CERTSERVE_PORT": str(port),
-        "CERTSERVE_MODEL_DIR": str(model_dir),
-        "CERTSERVE_MODELS": f'["{model_id}"]',
-        "CERTSERVE_DEVICE": str(device),
-        "CERTSERVE_TUNING_CACHE": str(tuning_cache),  # the plan L was measured with: same batch, same format
-        "CERTSERVE_PRECISION": precision,  # and the same arithmetic
-        "CERTSERVE_JOB_DB": str(job_db),
-        "CERTSERVE_SHUTDOWN_GRACE_S": "5",
-    })
+    env.update(
+        {
+            "CERTSERVE_HOST": "127.0.0.1",
+            "CERTSERVE_PORT": str(port),
+            "CERTSERVE_MODEL_DIR": str(model_dir),
+            "CERTSERVE_MODELS": f'["{model_id}"]',
+            "CERTSERVE_DEVICE": str(device),
+            "CERTSERVE_TUNING_CACHE": str(tuning_cache),  # the plan L was measured with: same batch, same format
+            "CERTSERVE_PRECISION": precision,  # and the same arithmetic
+            "CERTSERVE_JOB_DB": str(job_db),
+            "CERTSERVE_SHUTDOWN_GRACE_S": "5",
+        }
+    )
     if redis_url:
         env["CERTSERVE_REDIS_URL"] = redis_url
     return env
 
 
 def start_server(
-    *, model_dir: Path, model_id: str, device: torch.device, tuning_cache: Path, workdir: Path,
-    redis_url: str | None = None, timeout_s: float = 120.0, precision: str = "float32",
+    *,
+    model_dir: Path,
+    model_id: str,
+    device: torch.device,
+    tuning_cache: Path,
+    workdir: Path,
+    redis_url: str | None = None,
+    timeout_s: float = 120.0,
+    precision: str = "float32",
 ) -> Server:
     """Start the service and wait until /readyz answers 200; RuntimeError with its log's tail if it does not."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     name = "service-redis" if redis_url else "service"
     log_path = workdir / f"{name}-{port}.log"
-    env = server_env(model_dir=model_dir, model_id=model_id, device=device, port=port, tuning_cache=tuning_cache,
-                     job_db=workdir / f"jobs-{port}.sqlite3", redis_url=redis_url, precision=precision)
+    env = server_env(
+        model_dir=model_dir,
+        model_id=model_id,
+        device=device,
+        port=port,
+        tuning_cache=tuning_cache,
+        job_db=workdir / f"jobs-{port}.sqlite3",
+        redis_url=redis_url,
+        precision=precision,
+    )
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "service"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,
         )
     server = Server(process, f"http://127.0.0.1:{port}", log_path)

@@ -33,8 +33,18 @@ async def sample_rss(pid: int, seconds: float, interval_s: float) -> list[tuple[
 
 
 async def certify_load(
-    client: httpx.AsyncClient, limit: Limit, k: int, *, n0: int, n: int, alpha: float, warmup_s: float,
-    window_s: float, rng: np.random.Generator, memory_pid: int | None = None, memory_interval_s: float = 5.0,
+    client: httpx.AsyncClient,
+    limit: Limit,
+    k: int,
+    *,
+    n0: int,
+    n: int,
+    alpha: float,
+    warmup_s: float,
+    window_s: float,
+    rng: np.random.Generator,
+    memory_pid: int | None = None,
+    memory_interval_s: float = 5.0,
 ) -> dict[str, object]:
     """Run ``k`` closed-loop certify clients; the service's samples/s over the window (and RSS when asked)."""
     manifest = limit.manifest
@@ -64,14 +74,29 @@ async def certify_load(
         "drain_s": drain_s,
     }
     if memory_pid is not None:
-        result["memory"] = {"rss_series": [(round(t, 1), round(r, 1)) for t, r in rss], **rss_trend(rss),
-                            "peak_mib": read_rss_mib(memory_pid)["peak_mib"]}
+        result["memory"] = {
+            "rss_series": [(round(t, 1), round(r, 1)) for t, r in rss],
+            **rss_trend(rss),
+            "peak_mib": read_rss_mib(memory_pid)["peak_mib"],
+        }
     return result
 
 
 async def measure_service(
-    client: httpx.AsyncClient, limit: Limit, *, pid: int, ks: tuple[int, ...], n0: int, n: int, alpha: float,
-    warmup_s: float, window_s: float, memory_s: float, memory_interval_s: float, limit_seconds: float, seed: int,
+    client: httpx.AsyncClient,
+    limit: Limit,
+    *,
+    pid: int,
+    ks: tuple[int, ...],
+    n0: int,
+    n: int,
+    alpha: float,
+    warmup_s: float,
+    window_s: float,
+    memory_s: float,
+    memory_interval_s: float,
+    limit_seconds: float,
+    seed: int,
 ) -> dict[str, object]:
     """Delivered samples/s at each K as a fraction of L; the largest K runs ``memory_s`` and samples RSS."""
     rng = np.random.default_rng(seed)
@@ -80,8 +105,17 @@ async def measure_service(
     for k in ks:
         largest = k == max(ks)
         row = await certify_load(
-            client, limit, k, n0=n0, n=n, alpha=alpha, warmup_s=warmup_s, window_s=memory_s if largest else window_s,
-            rng=rng, memory_pid=pid if largest else None, memory_interval_s=memory_interval_s,
+            client,
+            limit,
+            k,
+            n0=n0,
+            n=n,
+            alpha=alpha,
+            warmup_s=warmup_s,
+            window_s=memory_s if largest else window_s,
+            rng=rng,
+            memory_pid=pid if largest else None,
+            memory_interval_s=memory_interval_s,
         )
         after = limit_rate(limit, limit_seconds)
         row["limit_samples_per_s"] = (before + after) / 2

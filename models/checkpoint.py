@@ -166,4 +166,3 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> tupl
     model = build_from_manifest(manifest)
     load_weights(model, read_state_dict(weights), weights)
     return model.to(device).eval(), manifest
-

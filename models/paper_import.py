@@ -131,9 +131,16 @@ def import_paper_checkpoint(
     if epoch is not None:
         source["epoch"] = epoch
     return save_checkpoint(
-        model.eval(), dest, id=model_id, architecture=arch, dataset=dataset.name, classes=dataset.classes,
-        input_shape=dataset.input_shape, sigma=sigma,
-        normalization={"mean": list(dataset.mean), "std": list(dataset.std)}, source=source,
+        model.eval(),
+        dest,
+        id=model_id,
+        architecture=arch,
+        dataset=dataset.name,
+        classes=dataset.classes,
+        input_shape=dataset.input_shape,
+        sigma=sigma,
+        normalization={"mean": list(dataset.mean), "std": list(dataset.std)},
+        source=source,
     )
 
 
@@ -149,12 +156,15 @@ def main(argv: list[str] | None = None) -> None:
     if sigma is None:
         parser.error(f"--sigma is required: no noise_<σ> folder in {args.src}")
     try:
-        manifest = import_paper_checkpoint(args.src, args.registry, sigma=sigma, model_id=args.id,
-                                           overwrite=args.overwrite)
+        manifest = import_paper_checkpoint(
+            args.src, args.registry, sigma=sigma, model_id=args.id, overwrite=args.overwrite
+        )
     except (CheckpointError, ValueError, FileExistsError) as e:
         sys.exit(f"import-paper-checkpoint: error: {e}")
-    print(f"imported {args.src} as {manifest.id} (σ={manifest.sigma:g}, {manifest.architecture}, "
-          f"{manifest.dataset}) into {args.registry / manifest.id}")
+    print(
+        f"imported {args.src} as {manifest.id} (σ={manifest.sigma:g}, {manifest.architecture}, "
+        f"{manifest.dataset}) into {args.registry / manifest.id}"
+    )
 
 
 if __name__ == "__main__":

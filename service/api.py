@@ -118,8 +118,14 @@ def predict_answer(prediction: Prediction, loaded: LoadedModel, timing: Timing) 
 def fixed_fields(certificate: Certificate, target_radius: float | None) -> dict[str, Any]:
     """The paper's CERTIFY as answer fields; in decision mode, certified at r means radius ≥ r."""
     at_radius = None if target_radius is None else (not certificate.abstained and certificate.radius >= target_radius)
-    return {**asdict(certificate), "mode": "fixed", "n_max": certificate.n, "samples": certificate.n0 + certificate.n,
-            "target_radius": target_radius, "certified_at_radius": at_radius}
+    return {
+        **asdict(certificate),
+        "mode": "fixed",
+        "n_max": certificate.n,
+        "samples": certificate.n0 + certificate.n,
+        "target_radius": target_radius,
+        "certified_at_radius": at_radius,
+    }
 
 
 def sequential_fields(result: AdaptiveCertificate | RadiusDecision, seed: int) -> dict[str, Any]:
@@ -130,16 +136,27 @@ def sequential_fields(result: AdaptiveCertificate | RadiusDecision, seed: int) -
     p_a_lower = result.p_a_lower
     certified = p_a_lower > 0.5
     fields = {
-        "mode": "adaptive", "label": result.top_class if certified else None, "p_a_lower": p_a_lower,
+        "mode": "adaptive",
+        "label": result.top_class if certified else None,
+        "p_a_lower": p_a_lower,
         "radius": radius_from_lower_bound(p_a_lower, result.sigma) if certified else 0.0,
-        "top_class": result.top_class, "selection_counts": list(result.selection_counts),
-        "estimation_counts": list(result.estimation_counts), "n0": result.n0 if result.samples else 0,
-        "n": max(0, result.samples - result.n0), "n_max": result.n_max, "samples": result.samples,
-        "alpha": result.alpha, "sigma": result.sigma, "seed": seed,
+        "top_class": result.top_class,
+        "selection_counts": list(result.selection_counts),
+        "estimation_counts": list(result.estimation_counts),
+        "n0": result.n0 if result.samples else 0,
+        "n": max(0, result.samples - result.n0),
+        "n_max": result.n_max,
+        "samples": result.samples,
+        "alpha": result.alpha,
+        "sigma": result.sigma,
+        "seed": seed,
     }
     if isinstance(result, RadiusDecision):
-        fields |= {"target_radius": result.radius, "certified_at_radius": result.certified,
-                   "max_certifiable_radius": result.max_certifiable_radius}
+        fields |= {
+            "target_radius": result.radius,
+            "certified_at_radius": result.certified,
+            "max_certifiable_radius": result.max_certifiable_radius,
+        }
     return fields
 
 
@@ -209,8 +226,16 @@ async def certify(request: Request) -> CertifyResponse:
     manifest = loaded.manifest
     # The key holds everything that determines the answer (never the seed, so nobody can fish for a lucky one).
     mode_key = params.mode if params.mode == "fixed" or params.radius is not None else f"adaptive:tol={tolerance}"
-    key = certificate_key(checkpoint_sha256=manifest.sha256, sigma=manifest.sigma, n0=n0, n=n, alpha=alpha, x=x,
-                          mode=mode_key, radius=params.radius)
+    key = certificate_key(
+        checkpoint_sha256=manifest.sha256,
+        sigma=manifest.sigma,
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        x=x,
+        mode=mode_key,
+        radius=params.radius,
+    )
     stored = await svc.cache.get(key)
     cached = None if stored is None else answer_from_cache(stored)
     if cached is not None:
@@ -226,8 +251,9 @@ async def certify(request: Request) -> CertifyResponse:
             procedure = adaptive_certify(sigma=manifest.sigma, alpha=alpha, n0=n0, n_max=n, tolerance=tolerance)
         else:
             procedure = radius_test(radius=params.radius, sigma=manifest.sigma, alpha=alpha, n0=n0, n_max=n)
-        result, timing = await until_disconnected(request, svc.engine.run_sequential(manifest.id, x, procedure,
-                                                                                     seed=seed))
+        result, timing = await until_disconnected(
+            request, svc.engine.run_sequential(manifest.id, x, procedure, seed=seed)
+        )
         fields = sequential_fields(result, seed)
     answer = certify_answer(fields, loaded, timing)
     await svc.cache.put(key, answer.model_dump(exclude={"cached", "queued_s", "compute_s"}))

@@ -8,10 +8,12 @@ Every error is answered as JSON ``{"detail": "..."}``; bad input never gives a 5
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +33,7 @@ from service.settings import Settings
 from service.state import Services
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer; nobody reads it
 
@@ -41,12 +44,19 @@ DESCRIPTION = (
 )
 
 
+async def in_passing_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` on a new thread that ends when it returns (``asyncio.to_thread``'s threads live on)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="loader") as pool:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     device = pick_device(settings.device)
-    # Loading measures each model's best batch size (seconds of forward passes): keep it off the event loop.
-    models = await asyncio.to_thread(
+    # Loading measures each model's best batch size (seconds of forward passes): keep it off the event loop,
+    # on a thread that then exits, taking its OpenMP team with it (see service.executor).
+    models = await in_passing_thread(
         load_models,
         settings.model_dir,
         settings.models,
@@ -60,7 +70,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     scheduler = Scheduler(
         max_pending_samples=settings.max_pending_samples, batch_delay_s=settings.batch_delay_ms / 1000.0
     )
-    executor = Executor(scheduler, models, on_batch=metrics.record_batch)
+    executor = Executor(scheduler, models, on_batch=metrics.record_batch, threads=settings.threads)
     executor.start()
     metrics.track_pending(scheduler)
     engine = Engine(scheduler, models, timeout_s=settings.request_timeout_s)
@@ -180,8 +190,11 @@ def add_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     async def store_unreachable(request: Request, error: Exception) -> Response:
         log.warning("job store unreachable on %s %s: %s", request.method, request.url.path, error)
-        return detail(503, f"the job store is unreachable ({type(error).__name__}); retry later",
-                      headers={"Retry-After": str(int(RESUME_RETRY_S) + 1)})
+        return detail(
+            503,
+            f"the job store is unreachable ({type(error).__name__}); retry later",
+            headers={"Retry-After": str(int(RESUME_RETRY_S) + 1)},
+        )
 
     async def unexpected(request: Request, error: Exception) -> Response:
         # A bug, never bad input: logged with its traceback (uvicorn logs it too), answered as JSON.

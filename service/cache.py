@@ -243,7 +243,10 @@ class RedisCache:
             self._outage_since = now
             log.warning(
                 "Redis cache at %s unavailable (%s: %s); answering without the cache, retrying every %.1f s",
-                _redacted(self.url), type(error).__name__, error, self.backoff_s,
+                _redacted(self.url),
+                type(error).__name__,
+                error,
+                self.backoff_s,
             )
 
     def _recovered(self) -> None:

@@ -3,6 +3,14 @@
 It asks the scheduler for a batch, draws the noise on the device, runs noise + forward +
 argmax + bincount (``smoothing.sampling.count_chunks``) and hands the counts back. The event
 loop never runs a forward pass.
+
+CPU threads: the executor's thread is the only one that computes on several cores. Once it runs,
+every other thread of the process is limited to one intra-op thread. The reason is libgomp
+(PyTorch's OpenMP): each thread that ever ran a parallel operation keeps a team of worker
+threads, and when a process holds more such threads than there are CPUs, libgomp stops spinning
+at the barriers between operations and puts its workers to sleep instead. One stray team (the
+thread that loaded the models, a decoding thread) cost the forward passes about a quarter of
+their throughput on a 2-core machine (37,000 against 50,000 samples/s, bench/findings.md).
 """
 
 from __future__ import annotations
@@ -44,8 +52,13 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_models(
-    model_dir: Path, model_ids: list[str], device: torch.device, *, max_batch: int = 0,
-    tuning_cache: Path | None = None, precision: str = "float32",
+    model_dir: Path,
+    model_ids: list[str],
+    device: torch.device,
+    *,
+    max_batch: int = 0,
+    tuning_cache: Path | None = None,
+    precision: str = "float32",
 ) -> dict[str, LoadedModel]:
     """Load and tune the requested models (all in ``model_dir`` when ``model_ids`` is empty)."""
     ids = model_ids or [m.id for m in list_models(model_dir)]
@@ -57,8 +70,9 @@ def load_models(
         )
         if max_batch and plan.batch_size > max_batch:
             plan = replace(plan, batch_size=max_batch)
-        log.info("loaded %s on %s: batch %d, %.0f samples/s", model_id, device, plan.batch_size,
-                 plan.samples_per_second)
+        log.info(
+            "loaded %s on %s: batch %d, %.0f samples/s", model_id, device, plan.batch_size, plan.samples_per_second
+        )
         loaded[model_id] = LoadedModel(manifest, plan, device)
     return loaded
 
@@ -72,15 +86,25 @@ class Executor:
         models: dict[str, LoadedModel],
         *,
         on_batch: Callable[[Batch, float], None] | None = None,
+        threads: int = 0,
     ) -> None:
         self.scheduler = scheduler
         self.models = models
         self.on_batch = on_batch  # metrics hook: (batch, seconds)
+        self.threads = threads or torch.get_num_threads()  # intra-op threads of the forward passes
         self._stop = threading.Event()
+        self._running = threading.Event()
         self._thread = threading.Thread(target=self._run, name="executor", daemon=True)
 
     def start(self) -> None:
+        """Start the thread; then limit every other thread of the process to one intra-op thread.
+
+        ``torch.set_num_threads`` changes the calling thread's own count and the count that threads
+        computing for the first time start with; the executor has set its own by then.
+        """
         self._thread.start()
+        self._running.wait()
+        torch.set_num_threads(1)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -96,6 +120,11 @@ class Executor:
     def _run(self) -> None:
         # Flushing denormals is a per-thread setting: set it on the thread that runs the forward passes.
         torch.set_flush_denormal(True)
+        torch.set_num_threads(self.threads)
+        # Reading the count back also completes PyTorch's lazy per-thread set-up, which would otherwise happen
+        # at the first forward pass and take the process-wide count (1 by then).
+        log.info("executor computes on %d threads", torch.get_num_threads())
+        self._running.set()
         while not self._stop.is_set():
             batch = self.scheduler.next_batch(self._batch_size_for, timeout=0.05)
             if batch is None:

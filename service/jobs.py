@@ -188,8 +188,9 @@ class JobRunner:
         try:
             await self._resume()
         except STORE_ERRORS as e:
-            log.warning("job store unreachable at start-up (%s: %s); resuming jobs once it is back",
-                        type(e).__name__, e)
+            log.warning(
+                "job store unreachable at start-up (%s: %s); resuming jobs once it is back", type(e).__name__, e
+            )
             self._resumer = asyncio.create_task(self._resume_when_reachable(), name="resume-jobs")
 
     async def _resume(self) -> None:

@@ -73,7 +73,10 @@ class CertifyParams(CommonParams):
         "says; in adaptive mode sampling stops as soon as that is decided",
     )
     tolerance: float | None = Field(
-        None, gt=0, allow_inf_nan=False, description="adaptive mode without radius: stop once n samples could not "
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="adaptive mode without radius: stop once n samples could not "
         "raise the radius by more than this (ℓ2); default 0.02",
     )
 

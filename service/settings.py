@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     model_dir: Path = Field(DEFAULT_ROOT, description="registry folder of checkpoints (manifest.json + weights.pt)")
     models: list[str] = Field(default_factory=list, description="model ids to load; empty = every model in model_dir")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:k]'")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads of the forward passes; 0 = PyTorch's default (one per core). Every other "
+        "thread of the service computes on one",
+    )
     max_batch: int = Field(0, ge=0, description="cap on samples per forward pass; 0 = the measured best batch size")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",

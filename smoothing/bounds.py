@@ -38,8 +38,7 @@ def _maximize_on_interval(objective, low: float, high: float) -> float:
     values = np.array([objective(x) for x in grid])
     best = int(np.argmax(values))
     left, right = grid[max(best - 1, 0)], grid[min(best + 1, _GRID_POINTS - 1)]
-    refined = minimize_scalar(lambda x: -objective(x), bounds=(left, right), method="bounded",
-                              options={"xatol": 1e-12})
+    refined = minimize_scalar(lambda x: -objective(x), bounds=(left, right), method="bounded", options={"xatol": 1e-12})
     return float(max(values[best], -refined.fun))
 
 

@@ -137,8 +137,15 @@ def predict(
     _check_alpha(alpha)  # before sampling, so a bad request costs no forward passes
     seed = new_seed() if seed is None else seed
     counts = sample_counts(
-        model, x, n, sigma=sigma, num_classes=num_classes, batch_size=batch_size,
-        seed=seed, stage=ESTIMATION_STAGE, channels_last=channels_last,
+        model,
+        x,
+        n,
+        sigma=sigma,
+        num_classes=num_classes,
+        batch_size=batch_size,
+        seed=seed,
+        stage=ESTIMATION_STAGE,
+        channels_last=channels_last,
     )
     return predict_from_counts(counts, alpha=alpha, sigma=sigma, seed=seed)
 

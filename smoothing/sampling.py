@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -73,14 +73,39 @@ class Chunk:
         return self.stop - self.start
 
 
+def _noise_pieces(chunks: list[Chunk]) -> list[tuple[Chunk, int, int, int, int]]:
+    """The batch cut at noise-block boundaries: (chunk, block, first sample, stop sample, row of the batch)."""
+    pieces, row = [], 0
+    for c in (c for c in chunks if c.size > 0):
+        for block in range(c.start // NOISE_BLOCK, (c.stop - 1) // NOISE_BLOCK + 1):
+            lo, hi = max(c.start, block * NOISE_BLOCK), min(c.stop, (block + 1) * NOISE_BLOCK)
+            pieces.append((c, block, lo, hi, row))
+            row += hi - lo
+    return pieces
+
+
+def _fill_noisy(batch: torch.Tensor, pieces: list[tuple[Chunk, int, int, int, int]]) -> None:
+    """Write x + σ·ε into the batch rows of each piece (ε: the piece's block of its stream)."""
+    generator = torch.Generator(device=batch.device)
+    for c, block, lo, hi, row in pieces:
+        generator.manual_seed(block_seed(c.seed, c.stage, block))
+        noise = torch.randn((NOISE_BLOCK, *c.x.shape), generator=generator, device=batch.device)
+        offset = block * NOISE_BLOCK
+        torch.add(c.x, noise[lo - offset : hi - offset], alpha=c.sigma, out=batch[row : row + hi - lo])
+
+
 def noisy_batch(chunks: list[Chunk], device: torch.device, channels_last: bool = False) -> torch.Tensor:
-    """Concatenate x + σ·ε for every chunk: tensor (Σ sizes, C, H, W) on ``device``."""
-    parts = []
-    for c in chunks:
-        noise = stream_noise(tuple(c.x.shape), c.seed, c.stage, c.start, c.stop, device)
-        parts.append(noise.mul_(c.sigma).add_(c.x.to(device)))
-    batch = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
+    """Concatenate x + σ·ε for every chunk: tensor (Σ sizes, C, H, W) on ``device``.
+
+    ε is ``stream_noise`` of the chunk's range, sample for sample, drawn block by block straight
+    into the batch (no intermediate copies).
+    """
+    shape = tuple(chunks[0].x.shape)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    batch = torch.empty((sum(c.size for c in chunks), *shape), device=device, memory_format=memory_format)
+    chunks = [replace(c, x=c.x.to(device)) for c in chunks]
+    _fill_noisy(batch, _noise_pieces(chunks))
+    return batch
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -92,9 +117,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def count_chunks(
-    model: nn.Module, chunks: list[Chunk], num_classes: int, channels_last: bool = False
-) -> torch.Tensor:
+def count_chunks(model: nn.Module, chunks: list[Chunk], num_classes: int, channels_last: bool = False) -> torch.Tensor:
     """Classify every chunk's noisy samples in one forward pass; return counts (len(chunks), num_classes).
 
     Row i holds how often the base classifier gave each class on chunk i's samples; row sums

@@ -176,8 +176,14 @@ def _staged(
 
 
 def radius_test(
-    *, radius: float, sigma: float, alpha: float, n0: int = 100, n_max: int = DEFAULT_N_MAX,
-    first_look: int = DEFAULT_FIRST_LOOK, futility_alpha: float = DEFAULT_FUTILITY_ALPHA,
+    *,
+    radius: float,
+    sigma: float,
+    alpha: float,
+    n0: int = 100,
+    n_max: int = DEFAULT_N_MAX,
+    first_look: int = DEFAULT_FIRST_LOOK,
+    futility_alpha: float = DEFAULT_FUTILITY_ALPHA,
 ) -> Generator[SampleRequest, torch.Tensor, RadiusDecision]:
     """Decide whether g(x) = ĉA with radius ≥ ``radius``: reject p_A ≤ Φ(r/σ) at level α.
 
@@ -194,28 +200,44 @@ def radius_test(
     ceiling = max_certifiable_radius(n_max, alpha_look, sigma)
     common = dict(radius=radius, max_certifiable_radius=ceiling, n0=n0, n_max=n_max, alpha=alpha, sigma=sigma)
     if radius >= ceiling:
-        return RadiusDecision(False, None, reason="infeasible", top_class=None, p_a_lower=0.0, samples=0, looks=0,
-                              **common)
+        return RadiusDecision(
+            False, None, reason="infeasible", top_class=None, p_a_lower=0.0, samples=0, looks=0, **common
+        )
 
     def stop(look: _Look) -> RadiusDecision | None:
         p_a_lower = lower_confidence_bound(look.count_a, look.n, alpha_look)
         certified = p_a_lower > threshold
-        if not (certified or look.n == n_max or (
-            _best_reachable_lower_bound(look.count_a, look.n, n_max, alpha_look, futility_alpha) <= threshold
-        )):
+        if not (
+            certified
+            or look.n == n_max
+            or (_best_reachable_lower_bound(look.count_a, look.n, n_max, alpha_look, futility_alpha) <= threshold)
+        ):
             return None
         return RadiusDecision(
-            certified, look.top if certified else None, reason="certified" if certified else "not_certified",
-            top_class=look.top, p_a_lower=p_a_lower, samples=n0 + look.n, looks=look.k, **common,
-            selection_counts=_as_tuple(look.selection), estimation_counts=_as_tuple(look.estimation),
+            certified,
+            look.top if certified else None,
+            reason="certified" if certified else "not_certified",
+            top_class=look.top,
+            p_a_lower=p_a_lower,
+            samples=n0 + look.n,
+            looks=look.k,
+            **common,
+            selection_counts=_as_tuple(look.selection),
+            estimation_counts=_as_tuple(look.estimation),
         )
 
     return (yield from _staged(n0, looks, stop))
 
 
 def adaptive_certify(
-    *, sigma: float, alpha: float, n0: int = 100, n_max: int = DEFAULT_N_MAX, tolerance: float = DEFAULT_TOLERANCE,
-    first_look: int = DEFAULT_FIRST_LOOK, projection_alpha: float = DEFAULT_PROJECTION_ALPHA,
+    *,
+    sigma: float,
+    alpha: float,
+    n0: int = 100,
+    n_max: int = DEFAULT_N_MAX,
+    tolerance: float = DEFAULT_TOLERANCE,
+    first_look: int = DEFAULT_FIRST_LOOK,
+    projection_alpha: float = DEFAULT_PROJECTION_ALPHA,
 ) -> Generator[SampleRequest, torch.Tensor, AdaptiveCertificate]:
     """CERTIFY with an input-specific sample size.
 
@@ -239,9 +261,19 @@ def adaptive_certify(
         if look.n < n_max and _radius(best, sigma) - radius > tolerance:
             return None
         return AdaptiveCertificate(
-            label=look.top if p_a_lower > 0.5 else None, radius=radius, p_a_lower=p_a_lower, top_class=look.top,
-            samples=n0 + look.n, looks=look.k, n0=n0, n_max=n_max, alpha=alpha, sigma=sigma, tolerance=tolerance,
-            selection_counts=_as_tuple(look.selection), estimation_counts=_as_tuple(look.estimation),
+            label=look.top if p_a_lower > 0.5 else None,
+            radius=radius,
+            p_a_lower=p_a_lower,
+            top_class=look.top,
+            samples=n0 + look.n,
+            looks=look.k,
+            n0=n0,
+            n_max=n_max,
+            alpha=alpha,
+            sigma=sigma,
+            tolerance=tolerance,
+            selection_counts=_as_tuple(look.selection),
+            estimation_counts=_as_tuple(look.estimation),
         )
 
     return (yield from _staged(n0, looks, stop))
@@ -258,38 +290,73 @@ def run(procedure: Generator[SampleRequest, torch.Tensor, R], sample: Callable[[
 
 
 def model_sampler(
-    model: nn.Module, x: torch.Tensor, *, sigma: float, num_classes: int, batch_size: int, seed: int,
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    sigma: float,
+    num_classes: int,
+    batch_size: int,
+    seed: int,
     channels_last: bool = False,
 ) -> Callable[[SampleRequest], torch.Tensor]:
     """A sampler for ``run`` that counts ``model`` on x + N(0, σ²I) from the seeded noise streams."""
 
     def sample(request: SampleRequest) -> torch.Tensor:
         return sample_counts(
-            model, x, request.stop - request.start, sigma=sigma, num_classes=num_classes, batch_size=batch_size,
-            seed=seed, stage=request.stage, start=request.start, channels_last=channels_last,
+            model,
+            x,
+            request.stop - request.start,
+            sigma=sigma,
+            num_classes=num_classes,
+            batch_size=batch_size,
+            seed=seed,
+            stage=request.stage,
+            start=request.start,
+            channels_last=channels_last,
         )
 
     return sample
 
 
 def certify_radius(
-    model: nn.Module, x: torch.Tensor, *, radius: float, sigma: float, num_classes: int, alpha: float,
-    batch_size: int, n0: int = 100, n_max: int = DEFAULT_N_MAX, seed: int | None = None, channels_last: bool = False,
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    radius: float,
+    sigma: float,
+    num_classes: int,
+    alpha: float,
+    batch_size: int,
+    n0: int = 100,
+    n_max: int = DEFAULT_N_MAX,
+    seed: int | None = None,
+    channels_last: bool = False,
 ) -> RadiusDecision:
     """``radius_test`` on a model: is x certified at ``radius``? (x: (C, H, W) in [0, 1])."""
     seed = new_seed() if seed is None else seed
-    sampler = model_sampler(model, x, sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=seed,
-                            channels_last=channels_last)
+    sampler = model_sampler(
+        model, x, sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=seed, channels_last=channels_last
+    )
     return run(radius_test(radius=radius, sigma=sigma, alpha=alpha, n0=n0, n_max=n_max), sampler)
 
 
 def certify_adaptive(
-    model: nn.Module, x: torch.Tensor, *, sigma: float, num_classes: int, alpha: float, batch_size: int,
-    n0: int = 100, n_max: int = DEFAULT_N_MAX, tolerance: float = DEFAULT_TOLERANCE, seed: int | None = None,
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    sigma: float,
+    num_classes: int,
+    alpha: float,
+    batch_size: int,
+    n0: int = 100,
+    n_max: int = DEFAULT_N_MAX,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int | None = None,
     channels_last: bool = False,
 ) -> AdaptiveCertificate:
     """``adaptive_certify`` on a model (x: (C, H, W) in [0, 1])."""
     seed = new_seed() if seed is None else seed
-    sampler = model_sampler(model, x, sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=seed,
-                            channels_last=channels_last)
+    sampler = model_sampler(
+        model, x, sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=seed, channels_last=channels_last
+    )
     return run(adaptive_certify(sigma=sigma, alpha=alpha, n0=n0, n_max=n_max, tolerance=tolerance), sampler)

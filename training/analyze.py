@@ -96,8 +96,9 @@ def certified_accuracies(radii: np.ndarray, hits: np.ndarray, at: Sequence[float
     return [approximate_certified_accuracy(radii, hits, r) for r in at]
 
 
-def true_accuracy_bounds(radii: np.ndarray, hits: np.ndarray, at: Sequence[float], alpha: float,
-                         rho: float) -> list[float]:
+def true_accuracy_bounds(
+    radii: np.ndarray, hits: np.ndarray, at: Sequence[float], alpha: float, rho: float
+) -> list[float]:
     """Theorem 6 lower bound on the true certified accuracy at each radius in ``at`` (each holds w.p. ≥ 1 − ρ)."""
     return [true_accuracy_lower_bound(certified_count(radii, hits, r), radii.size, alpha, rho) for r in at]
 
@@ -151,14 +152,25 @@ def latex_table(header: list[str], rows: list[list[str]], label_columns: int = 2
     """A booktabs ``tabular`` with the same cells and alignment as ``markdown_table``."""
     spec = "l" * label_columns + "r" * (len(header) - label_columns)
     body = [" & ".join(latex_escape(c) for c in cells) + r" \\" for cells in rows]
-    return "\n".join([
-        rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(latex_escape(c) for c in header) + r" \\",
-        r"\midrule", *body, r"\bottomrule", r"\end{tabular}",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                rf"\begin{{tabular}}{{{spec}}}",
+                r"\toprule",
+                " & ".join(latex_escape(c) for c in header) + r" \\",
+                r"\midrule",
+                *body,
+                r"\bottomrule",
+                r"\end{tabular}",
+            ]
+        )
+        + "\n"
+    )
 
 
-def accuracy_rows(logs: list[Log], paths: list[Path], labels: list[str], radii: Sequence[float],
-                  alpha: float | None, rho: float) -> list[list[str]]:
+def accuracy_rows(
+    logs: list[Log], paths: list[Path], labels: list[str], radii: Sequence[float], alpha: float | None, rho: float
+) -> list[list[str]]:
     """Two rows per log: approximate certified accuracy, and Theorem 6's lower bound on the true one."""
     rows = []
     for log, path, label in zip(logs, paths, labels, strict=True):
@@ -170,12 +182,15 @@ def accuracy_rows(logs: list[Log], paths: list[Path], labels: list[str], radii: 
 
 
 def timing_rows(logs: list[Log], labels: list[str]) -> list[list[str]]:
-    return [[label, str(log["time"].size), f"{np.mean(log['time']):.4f}", format_duration(float(np.sum(log["time"])))]
-            for log, label in zip(logs, labels, strict=True)]
+    return [
+        [label, str(log["time"].size), f"{np.mean(log['time']):.4f}", format_duration(float(np.sum(log["time"])))]
+        for log, label in zip(logs, labels, strict=True)
+    ]
 
 
-def bounds_rows(logs: list[Log], paths: list[Path], labels: list[str], radii: Sequence[float],
-                alpha: float | None) -> tuple[list[list[str]], list[dict[str, np.ndarray]]]:
+def bounds_rows(
+    logs: list[Log], paths: list[Path], labels: list[str], radii: Sequence[float], alpha: float | None
+) -> tuple[list[list[str]], list[dict[str, np.ndarray]]]:
     """One row per (log, bound): approximate certified accuracy with that bound's radii; and the radii."""
     rows, per_log = [], []
     for log, path, label in zip(logs, paths, labels, strict=True):
@@ -220,8 +235,9 @@ def write(path: Path, text: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="analyze", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("logs", type=Path, nargs="+", help="certify logs (tab-separated)")
     parser.add_argument("--radii", type=float, nargs="+", default=list(DEFAULT_RADII), help="table radii")
     parser.add_argument("--labels", nargs="+", help="one name per log (default: file names)")
@@ -229,8 +245,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rho", type=float, default=0.001, help="Theorem 6 holds with probability ≥ 1 − ρ")
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
     parser.add_argument("--plot", type=Path, help="curves PNG (default: OUT_DIR/certified_accuracy.png)")
-    parser.add_argument("--compare-bounds", action="store_true",
-                        help="also Theorem 1 vs Lecuyer et al. vs Li et al. (Figure 8, left)")
+    parser.add_argument(
+        "--compare-bounds", action="store_true", help="also Theorem 1 vs Lecuyer et al. vs Li et al. (Figure 8, left)"
+    )
     args = parser.parse_args(argv)
     if args.labels is None:
         args.labels = [p.stem for p in args.logs]
@@ -250,8 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = accuracy_rows(logs, args.logs, args.labels, args.radii, args.alpha, args.rho)
     timing_header = ["log", "examples", "mean time (s)", "total time"]
     timing = timing_rows(logs, args.labels)
-    markdown = (f"## Certified accuracy\n\n{markdown_table(header, rows)}\n"
-                f"## Time per example\n\n{markdown_table(timing_header, timing, label_columns=1)}")
+    markdown = (
+        f"## Certified accuracy\n\n{markdown_table(header, rows)}\n"
+        f"## Time per example\n\n{markdown_table(timing_header, timing, label_columns=1)}"
+    )
     print(markdown)
     write(args.out_dir / "certified_accuracy.md", markdown)
     latex = latex_table(header, rows) + "\n" + latex_table(timing_header, timing, label_columns=1)
@@ -267,8 +286,10 @@ def main(argv: list[str] | None = None) -> None:
         markdown = f"## Certified accuracy under each bound\n\n{table}"
         print(markdown)
         write(args.out_dir / "bounds.md", markdown)
-        panels = {label: {name: (radii, correct(log)) for name, radii in by_bound.items()}
-                  for log, label, by_bound in zip(logs, args.labels, per_log, strict=True)}
+        panels = {
+            label: {name: (radii, correct(log)) for name, radii in by_bound.items()}
+            for log, label, by_bound in zip(logs, args.labels, per_log, strict=True)
+        }
         plot_curves(panels, args.out_dir / "bounds.png")
         print(f"wrote {args.out_dir / 'bounds.png'}")
 

@@ -83,29 +83,56 @@ def certify_row(smoothed: Smoothed, x: torch.Tensor, label: int, idx: int) -> di
     """CERTIFY one example; the log row as a dict of column → value."""
     started = time.perf_counter()
     cert = core.certify(
-        smoothed.model, x, sigma=smoothed.sigma, num_classes=smoothed.num_classes, n0=smoothed.n0, n=smoothed.n,
-        alpha=smoothed.alpha, batch_size=smoothed.batch_size, seed=example_seed(smoothed.seed, idx),
+        smoothed.model,
+        x,
+        sigma=smoothed.sigma,
+        num_classes=smoothed.num_classes,
+        n0=smoothed.n0,
+        n=smoothed.n,
+        alpha=smoothed.alpha,
+        batch_size=smoothed.batch_size,
+        seed=example_seed(smoothed.seed, idx),
         channels_last=smoothed.channels_last,
     )
     elapsed = time.perf_counter() - started
     predicted = ABSTAIN if cert.abstained else cert.label
-    return {"idx": idx, "label": label, "predict": predicted, "radius": f"{cert.radius:.4f}",
-            "correct": int(predicted == label), "time": f"{elapsed:.4f}", "count_a": cert.n_a, "n": cert.n,
-            "sigma": smoothed.sigma, "alpha": smoothed.alpha}
+    return {
+        "idx": idx,
+        "label": label,
+        "predict": predicted,
+        "radius": f"{cert.radius:.4f}",
+        "correct": int(predicted == label),
+        "time": f"{elapsed:.4f}",
+        "count_a": cert.n_a,
+        "n": cert.n,
+        "sigma": smoothed.sigma,
+        "alpha": smoothed.alpha,
+    }
 
 
 def predict_row(smoothed: Smoothed, x: torch.Tensor, label: int, idx: int) -> dict[str, object]:
     """PREDICT one example; the log row as a dict of column → value."""
     started = time.perf_counter()
     pred = core.predict(
-        smoothed.model, x, sigma=smoothed.sigma, num_classes=smoothed.num_classes, n=smoothed.n,
-        alpha=smoothed.alpha, batch_size=smoothed.batch_size, seed=example_seed(smoothed.seed, idx),
+        smoothed.model,
+        x,
+        sigma=smoothed.sigma,
+        num_classes=smoothed.num_classes,
+        n=smoothed.n,
+        alpha=smoothed.alpha,
+        batch_size=smoothed.batch_size,
+        seed=example_seed(smoothed.seed, idx),
         channels_last=smoothed.channels_last,
     )
     elapsed = time.perf_counter() - started
     predicted = ABSTAIN if pred.abstained else pred.label
-    return {"idx": idx, "label": label, "predict": predicted, "correct": int(predicted == label),
-            "time": f"{elapsed:.4f}"}
+    return {
+        "idx": idx,
+        "label": label,
+        "predict": predicted,
+        "correct": int(predicted == label),
+        "time": f"{elapsed:.4f}",
+    }
 
 
 def open_log(path: Path, columns: tuple[str, ...], resume: bool, settings: dict[str, float]) -> tuple[TextIO, set[int]]:
@@ -129,8 +156,9 @@ def open_log(path: Path, columns: tuple[str, ...], resume: bool, settings: dict[
         raise SystemExit(f"{path}: cannot resume, its columns {tuple(log)} are not {columns}")
     for name, value in settings.items():
         if np.any(log[name] != value):
-            raise SystemExit(f"{path}: cannot resume, its rows have {name} = {np.unique(log[name]).tolist()}, "
-                             f"this run {value}")
+            raise SystemExit(
+                f"{path}: cannot resume, its rows have {name} = {np.unique(log[name]).tolist()}, this run {value}"
+            )
     return path.open("a"), {int(i) for i in log["idx"]}
 
 
@@ -139,8 +167,14 @@ def write_row(f: TextIO, row: dict[str, object], columns: tuple[str, ...]) -> No
     f.flush()  # a killed run keeps every finished row
 
 
-def prepare_model(model: nn.Module, input_shape: tuple[int, int, int], batch_size: int | None,
-                  device: str, cache_key: str, precision: str = "float32") -> tuple[nn.Module, int, bool]:
+def prepare_model(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    batch_size: int | None,
+    device: str,
+    cache_key: str,
+    precision: str = "float32",
+) -> tuple[nn.Module, int, bool]:
     """(model, batch size, channels_last): measured by ``prepare_for_inference`` when ``batch_size`` is
     None, else the given batch size with BatchNorm folded and the default memory format (no timing, so
     two runs compute exactly the same thing). ``precision`` as in ``prepare_for_inference``."""
@@ -159,9 +193,11 @@ def summary(path: Path, mode: str) -> str:
         return f"{mode}: no examples in {path}"
     seconds = log["time"]
     what = "certified accuracy at r = 0" if mode == "certify" else "accuracy"
-    return (f"{mode}: {m} examples in {path}; {what} {np.mean(log['correct']):.4f}, "
-            f"abstained {np.mean(log['predict'] == ABSTAIN):.4f}; mean time {np.mean(seconds):.4f} s per example, "
-            f"total {datetime.timedelta(seconds=round(float(np.sum(seconds))))}")
+    return (
+        f"{mode}: {m} examples in {path}; {what} {np.mean(log['correct']):.4f}, "
+        f"abstained {np.mean(log['predict'] == ABSTAIN):.4f}; mean time {np.mean(seconds):.4f} s per example, "
+        f"total {datetime.timedelta(seconds=round(float(np.sum(seconds))))}"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -172,8 +208,17 @@ def run(args: argparse.Namespace) -> None:
     model, batch_size, channels_last = prepare_model(
         model, tuple(manifest.input_shape), args.batch_size, args.device, manifest.sha256, args.precision
     )
-    smoothed = Smoothed(model, manifest.sigma, manifest.num_classes, batch_size, channels_last, n=args.n,
-                        alpha=args.alpha, seed=args.seed, n0=args.n0)
+    smoothed = Smoothed(
+        model,
+        manifest.sigma,
+        manifest.num_classes,
+        batch_size,
+        channels_last,
+        n=args.n,
+        alpha=args.alpha,
+        seed=args.seed,
+        n0=args.n0,
+    )
     split = args.split or ("val" if manifest.dataset == "imagenet" else "test")
     dataset = load_dataset(manifest.dataset, split, args.data_root)
     columns, make_row = (CERTIFY_COLUMNS, certify_row) if args.mode == "certify" else (PREDICT_COLUMNS, predict_row)
@@ -203,8 +248,9 @@ def batch_size_arg(text: str) -> int | None:
 
 
 def parse_args(mode: str, argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=mode, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=mode, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="model id in the registry")
     parser.add_argument("--registry", type=Path, default=DEFAULT_ROOT, help="registry folder (default: %(default)s)")
     parser.add_argument("--data-root", type=Path, help="local dataset folder (Fashion-MNIST has a default)")
@@ -217,13 +263,22 @@ def parse_args(mode: str, argv: list[str] | None) -> argparse.Namespace:
         parser.set_defaults(n0=0)
     parser.add_argument("--n", type=int, default=10_000 if mode == "certify" else 1_000, help="estimation samples")
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability")
-    parser.add_argument("--batch-size", type=batch_size_arg, default=None, metavar="auto|B",
-                        help="samples per forward pass (default auto: measured)")
+    parser.add_argument(
+        "--batch-size",
+        type=batch_size_arg,
+        default=None,
+        metavar="auto|B",
+        help="samples per forward pass (default auto: measured)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="run seed; example idx uses example_seed(seed, idx)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", choices=("float32", "bfloat16", "float16", "auto"), default="float32",
-                        help="base classifier arithmetic (default float32, the checkpoint as trained; auto: "
-                        "bfloat16 where measured faster)")
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16", "float16", "auto"),
+        default="float32",
+        help="base classifier arithmetic (default float32, the checkpoint as trained; auto: "
+        "bfloat16 where measured faster)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --out, skip their indices")
     parser.add_argument("--out", type=Path, required=True, help="log file to write (tab-separated)")

@@ -124,8 +124,13 @@ def train(recipe: Recipe, workdir: Path, out: Path, model_id: str, data_root: Pa
         model.train()
         started = time.time()
         loss_sum = seen = 0.0
-        progress = tqdm(batches(train_set, recipe.batch_size, True, generator), total=steps_per_epoch,
-                        desc=f"{model_id} epoch {epoch}/{recipe.epochs}", leave=False, mininterval=2)
+        progress = tqdm(
+            batches(train_set, recipe.batch_size, True, generator),
+            total=steps_per_epoch,
+            desc=f"{model_id} epoch {epoch}/{recipe.epochs}",
+            leave=False,
+            mininterval=2,
+        )
         for images, labels in progress:
             images = augment(images, recipe, generator)
             noisy = images + recipe.sigma * torch.randn(images.shape, generator=generator)
@@ -137,17 +142,36 @@ def train(recipe: Recipe, workdir: Path, out: Path, model_id: str, data_root: Pa
             loss_sum += loss.item() * len(labels)
             seen += len(labels)
             progress.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
-        metrics = {"epoch": epoch, "train_loss": loss_sum / seen, **evaluate(model, test_set, recipe.sigma, seed=epoch),
-                   "seconds": time.time() - started}
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / seen,
+            **evaluate(model, test_set, recipe.sigma, seed=epoch),
+            "seconds": time.time() - started,
+        }
         log.append(metrics)
         print(json.dumps(metrics), flush=True)
-        torch.save({"recipe": asdict(recipe), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(), "log": log}, state_path)
+        torch.save(
+            {
+                "recipe": asdict(recipe),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "log": log,
+            },
+            state_path,
+        )
 
     manifest = save_checkpoint(
-        model.eval(), out, id=model_id, architecture=recipe.arch, dataset=recipe.dataset, classes=classes,
-        input_shape=tuple(next(iter(batches(test_set, 1, False, generator)))[0].shape[1:]), sigma=recipe.sigma,
+        model.eval(),
+        out,
+        id=model_id,
+        architecture=recipe.arch,
+        dataset=recipe.dataset,
+        classes=classes,
+        input_shape=tuple(next(iter(batches(test_set, 1, False, generator)))[0].shape[1:]),
+        sigma=recipe.sigma,
         normalization={"mean": list(mean), "std": list(std)},
         training={"recipe": asdict(recipe), "command": command, "final": log[-1], "epochs": log},
         source={"trained_by": "training.train"},
@@ -175,9 +199,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = Recipe(dataset=args.dataset, arch=args.arch, sigma=args.sigma, epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                    seed=args.seed, shift=args.shift, flip=not args.no_flip)
+    recipe = Recipe(
+        dataset=args.dataset,
+        arch=args.arch,
+        sigma=args.sigma,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        shift=args.shift,
+        flip=not args.no_flip,
+    )
     command = "train " + shlex.join(sys.argv[1:] if argv is None else argv)
     model_id = args.id or args.out.name
     train(recipe, args.workdir or Path("runs") / model_id, args.out, model_id, args.data_root, command)

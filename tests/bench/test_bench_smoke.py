@@ -52,8 +52,24 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def quick_run(registry: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     out_dir = tmp_path_factory.mktemp("bench")
     out, report = out_dir / "results" / "cpu.json", out_dir / "BENCHMARKS.md"
-    command = [sys.executable, "-m", "bench", "--quick", "--model", MODEL_ID, "--model-dir", str(registry),
-               "--device", "cpu", "--out", str(out), "--report", str(report), "--redis-url", REDIS_URL]
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--quick",
+        "--model",
+        MODEL_ID,
+        "--model-dir",
+        str(registry),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--report",
+        str(report),
+        "--redis-url",
+        REDIS_URL,
+    ]
     finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-4000:]
     return json.loads(out.read_text()), report.read_text()

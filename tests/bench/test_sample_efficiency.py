@@ -16,8 +16,23 @@ def test_sample_efficiency_writes_cells_and_report(tmp_path: Path) -> None:
     reference = tmp_path / "certify-n100k-sigma0.25.tsv"
     reference.write_text("".join(LOG.read_text().splitlines(keepends=True)[:4]))  # header + 3 images
     out, report = tmp_path / "out.json", tmp_path / "report.md"
-    main(["--models", "fmnist-resnet-sigma0.25", "--fixed-dir", str(tmp_path), "--n-max", "2000",
-          "--radii", "0.1", "5.0", "--out", str(out), "--report", str(report)])
+    main(
+        [
+            "--models",
+            "fmnist-resnet-sigma0.25",
+            "--fixed-dir",
+            str(tmp_path),
+            "--n-max",
+            "2000",
+            "--radii",
+            "0.1",
+            "5.0",
+            "--out",
+            str(out),
+            "--report",
+            str(report),
+        ]
+    )
     (result,) = json.loads(out.read_text())
     assert result["images"] == 3 and set(result["cells"]) == {"0.1", "5.0"}
     # 5.0 is beyond what 2,000 samples can ever certify: decided without a single sample, like the reference.

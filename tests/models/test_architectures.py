@@ -68,9 +68,14 @@ def test_fmnist_resnet_parameter_count() -> None:
     expected = (
         conv_bn_params(1, 16, 3)
         + 2 * conv_bn_params(16, 16, 3)
-        + conv_bn_params(16, 32, 3) + conv_bn_params(32, 32, 3) + conv_bn_params(16, 32, 1)
-        + conv_bn_params(32, 64, 3) + conv_bn_params(64, 64, 3) + conv_bn_params(32, 64, 1)
-        + 64 * 10 + 10
+        + conv_bn_params(16, 32, 3)
+        + conv_bn_params(32, 32, 3)
+        + conv_bn_params(16, 32, 1)
+        + conv_bn_params(32, 64, 3)
+        + conv_bn_params(64, 64, 3)
+        + conv_bn_params(32, 64, 1)
+        + 64 * 10
+        + 10
     )
     model = fmnist_resnet()
     assert sum(p.numel() for p in model.parameters()) == expected

@@ -52,10 +52,15 @@ def fmnist_model(seed: int = 0) -> nn.Sequential:
 
 def manifest_fields(model_id: str = "toy", **overrides: Any) -> dict[str, Any]:
     fields = {
-        "id": model_id, "architecture": "fmnist_resnet", "dataset": "fashion-mnist", "classes": CLASSES,
-        "input_shape": (1, 28, 28), "sigma": 0.25,
+        "id": model_id,
+        "architecture": "fmnist_resnet",
+        "dataset": "fashion-mnist",
+        "classes": CLASSES,
+        "input_shape": (1, 28, 28),
+        "sigma": 0.25,
         "normalization": {"mean": list(FMNIST_MEAN), "std": list(FMNIST_STD)},
-        "training": {"epochs": 1}, "source": {"test": True},
+        "training": {"epochs": 1},
+        "source": {"test": True},
     }
     return fields | overrides
 

@@ -161,8 +161,14 @@ def resnet20(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Sequential, P
 def test_paper_keys_are_as_described(resnet20: tuple[nn.Sequential, Path]) -> None:
     model, _ = resnet20
     keys = set(model.state_dict())
-    assert {"1.conv1.weight", "1.bn1.running_var", "1.layer1.0.conv1.weight", "1.layer2.0.downsample.0.weight",
-            "1.layer2.0.downsample.1.running_mean", "1.fc.weight"} <= keys
+    assert {
+        "1.conv1.weight",
+        "1.bn1.running_var",
+        "1.layer1.0.conv1.weight",
+        "1.layer2.0.downsample.0.weight",
+        "1.layer2.0.downsample.1.running_mean",
+        "1.fc.weight",
+    } <= keys
     assert not [k for k in keys if k.startswith("0.")]
 
 
@@ -293,8 +299,9 @@ def test_default_model_id() -> None:
     assert default_model_id("resnet50", 0.25) == "cohen2019-imagenet-resnet50-sigma0.25"
 
 
-def test_cli_infers_sigma_from_path(resnet20: tuple[nn.Sequential, Path], tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_infers_sigma_from_path(
+    resnet20: tuple[nn.Sequential, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, src = resnet20
     main([str(src), "--registry", str(tmp_path)])
     (manifest,) = list_models(tmp_path)
@@ -309,8 +316,9 @@ def test_cli_explicit_sigma_and_id(resnet20: tuple[nn.Sequential, Path], tmp_pat
     assert (manifest.id, manifest.sigma) == ("paper-r20", 0.5)
 
 
-def test_cli_needs_sigma_without_noise_folder(resnet20: tuple[nn.Sequential, Path], tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_needs_sigma_without_noise_folder(
+    resnet20: tuple[nn.Sequential, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, src = resnet20
     plain = tmp_path / "checkpoint.pth.tar"
     plain.write_bytes(src.read_bytes())
@@ -388,8 +396,18 @@ MISMATCHED_FILES = {"renamed": renamed_key_file, "deeper": deeper_arch_file, "wi
         ("deeper", r"missing keys: 1\.layer1\.1\d\.bn1\.bias, .*\(450 in all\)"),
         ("wider", r"wrong shapes: 1\.fc\.weight \(file \(100, 64\), model \(10, 64\)\), 1\.fc\.bias"),
     ],
-    ids=["tensor", "no-arch", "no-state-dict", "unknown-arch", "arch-not-str", "state-not-dict", "empty-state",
-         "renamed-key", "depth-mismatch", "shape-mismatch"],
+    ids=[
+        "tensor",
+        "no-arch",
+        "no-state-dict",
+        "unknown-arch",
+        "arch-not-str",
+        "state-not-dict",
+        "empty-state",
+        "renamed-key",
+        "depth-mismatch",
+        "shape-mismatch",
+    ],
 )
 def test_malformed_files_raise_checkpoint_error(tmp_path: Path, content: Any, message: str) -> None:
     if isinstance(content, str):

@@ -28,8 +28,14 @@ def save_toy(root: Path, model_id: str, sigma: float, seed: int) -> nn.Sequentia
     torch.manual_seed(seed)
     model = build_model("fmnist_resnet", 10, MEAN, STD).eval()
     save_checkpoint(
-        model, root / model_id, id=model_id, architecture="fmnist_resnet", dataset="fashion-mnist",
-        classes=[str(i) for i in range(10)], input_shape=(1, 28, 28), sigma=sigma,
+        model,
+        root / model_id,
+        id=model_id,
+        architecture="fmnist_resnet",
+        dataset="fashion-mnist",
+        classes=[str(i) for i in range(10)],
+        input_shape=(1, 28, 28),
+        sigma=sigma,
         normalization={"mean": list(MEAN), "std": list(STD)},
     )
     return model
@@ -80,9 +86,7 @@ def test_unknown_id_lists_available_ids(registry: tuple[Path, dict[str, nn.Seque
     assert isinstance(error.value, KeyError)
     assert error.value.model_id == model_id
     assert error.value.available == ["toy-sigma0.25", "toy-sigma0.50"]
-    assert str(error.value) == (
-        f"no model {model_id!r} in registry {root}; available: toy-sigma0.25, toy-sigma0.50"
-    )
+    assert str(error.value) == (f"no model {model_id!r} in registry {root}; available: toy-sigma0.25, toy-sigma0.50")
 
 
 def test_broken_folders_are_skipped_with_a_warning(
@@ -117,7 +121,7 @@ def test_id_must_equal_folder_name(
 
 
 def test_broken_model_raises_checkpoint_error_not_model_not_found(
-    registry: tuple[Path, dict[str, nn.Sequential]]
+    registry: tuple[Path, dict[str, nn.Sequential]],
 ) -> None:
     root, _ = registry
     manifest_path = root / "toy-sigma0.25" / MANIFEST_FILE

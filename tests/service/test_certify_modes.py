@@ -40,8 +40,15 @@ def certify(client: TestClient, **fields: object) -> dict:
 def library_sampler(client: TestClient, seed: int) -> Callable:
     plan = client.app.state.services.engine.model(TINY_ID).plan
     x = torch.from_numpy(GRAY).float().div(255).unsqueeze(0)
-    return model_sampler(plan.model, x, sigma=TINY_SIGMA, num_classes=len(TINY_CLASSES), batch_size=plan.batch_size,
-                         seed=seed, channels_last=plan.channels_last)
+    return model_sampler(
+        plan.model,
+        x,
+        sigma=TINY_SIGMA,
+        num_classes=len(TINY_CLASSES),
+        batch_size=plan.batch_size,
+        seed=seed,
+        channels_last=plan.channels_last,
+    )
 
 
 def samples_metric(mode: str) -> float:
@@ -51,8 +58,10 @@ def samples_metric(mode: str) -> float:
 def test_adaptive_certificate_matches_the_library_and_stops_early(client: TestClient) -> None:
     before = samples_metric("adaptive")
     answer = certify(client, mode="adaptive", n=20_000, tolerance=0.05, seed=3)
-    library = run(adaptive_certify(sigma=TINY_SIGMA, alpha=ALPHA, n0=100, n_max=20_000, tolerance=0.05),
-                  library_sampler(client, 3))
+    library = run(
+        adaptive_certify(sigma=TINY_SIGMA, alpha=ALPHA, n0=100, n_max=20_000, tolerance=0.05),
+        library_sampler(client, 3),
+    )
     assert answer["mode"] == "adaptive" and answer["label"] == library.label == 0
     assert answer["samples"] == library.samples < 100 + 20_000
     assert answer["n"] == sum(answer["estimation_counts"]) == library.samples - 100
@@ -63,8 +72,9 @@ def test_adaptive_certificate_matches_the_library_and_stops_early(client: TestCl
 
 def test_radius_decision_certifies_small_radii_quickly_and_refuses_large_ones(client: TestClient) -> None:
     small = certify(client, mode="adaptive", radius=0.05, n=20_000, seed=4)
-    library = run(radius_test(radius=0.05, sigma=TINY_SIGMA, alpha=ALPHA, n0=100, n_max=20_000),
-                  library_sampler(client, 4))
+    library = run(
+        radius_test(radius=0.05, sigma=TINY_SIGMA, alpha=ALPHA, n0=100, n_max=20_000), library_sampler(client, 4)
+    )
     assert small["certified_at_radius"] is library.certified is True
     assert small["samples"] == library.samples < 2_000
     assert small["label"] == 0 and small["radius"] >= 0.05 and small["target_radius"] == 0.05

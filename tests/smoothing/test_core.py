@@ -139,10 +139,12 @@ def test_linear_mean_radius_matches_exact_expectation() -> None:
     # 0.44 (0.36) standard deviations of one radius, 9.8 (8.1) standard errors of the mean of 500.
     sigma, distance, alpha, n, n0, runs = 0.5, 0.5, 0.1, 1000, 32, 500
     model, x, label = linear_problem(distance, side=1)
-    radii = np.array([
-        certify(model, x, sigma=sigma, num_classes=2, n0=n0, n=n, alpha=alpha, batch_size=BIG_BATCH, seed=s).radius
-        for s in range(runs)
-    ])
+    radii = np.array(
+        [
+            certify(model, x, sigma=sigma, num_classes=2, n0=n0, n=n, alpha=alpha, batch_size=BIG_BATCH, seed=s).radius
+            for s in range(runs)
+        ]
+    )
     ks = np.arange(n + 1)
     bounds = one_sided_lower(ks, n, alpha)
     per_k = np.where(bounds > 0.5, sigma * norm.ppf(np.maximum(bounds, 0.5)), 0.0)
@@ -190,15 +192,25 @@ def test_constant_classifier_radius_is_exact(n: int, alpha: float, sigma: float)
 
 def test_constant_classifier_too_few_samples_abstains() -> None:
     # α^(1/n) = 0.1^(1/3) ≈ 0.464 ≤ 1/2: even unanimous samples cannot certify.
-    cert = certify(ConstantClassifier(1, 2), torch.rand(SHAPE), sigma=0.5, num_classes=2, n0=3, n=3, alpha=0.1,
-                   batch_size=8, seed=0)
+    cert = certify(
+        ConstantClassifier(1, 2),
+        torch.rand(SHAPE),
+        sigma=0.5,
+        num_classes=2,
+        n0=3,
+        n=3,
+        alpha=0.1,
+        batch_size=8,
+        seed=0,
+    )
     assert cert.abstained and cert.label is None and cert.radius == 0.0
     assert cert.top_class == 1 and cert.p_a_lower == pytest.approx(0.1 ** (1 / 3), rel=1e-12)
 
 
 def test_constant_classifier_predict() -> None:
-    pred = predict(ConstantClassifier(0, 4), torch.rand(SHAPE), sigma=1.0, num_classes=4, n=10, alpha=0.01,
-                   batch_size=4, seed=2)
+    pred = predict(
+        ConstantClassifier(0, 4), torch.rand(SHAPE), sigma=1.0, num_classes=4, n=10, alpha=0.01, batch_size=4, seed=2
+    )
     assert pred.label == 0 and pred.counts == (10, 0, 0, 0) and pred.n == 10
     assert pred.p_value == pytest.approx(2 / 1024, rel=1e-12)
 
@@ -271,8 +283,12 @@ def test_certify_coverage_through_model_with_independent_streams() -> None:
     assert sum(not c.abstained for c in certs) <= limit
     assert sum(c.selection_counts == c.estimation_counts for c in certs) < runs // 10
     # Control: deciding from the estimation counts alone (ĉA from them too) certifies too often.
-    reused = [certify_from_counts(torch.tensor(c.estimation_counts), torch.tensor(c.estimation_counts), alpha=alpha,
-                                  sigma=0.25) for c in certs]
+    reused = [
+        certify_from_counts(
+            torch.tensor(c.estimation_counts), torch.tensor(c.estimation_counts), alpha=alpha, sigma=0.25
+        )
+        for c in certs
+    ]
     assert sum(not c.abstained for c in reused) > limit
 
 
@@ -359,8 +375,7 @@ def test_missing_seed_is_drawn_and_reproduces() -> None:
     model, x = threshold_problem(0.6, sigma=0.5)
     cert = certify(model, x, sigma=0.5, num_classes=2, n0=50, n=500, alpha=0.01, batch_size=64)
     assert isinstance(cert.seed, int)
-    assert cert == certify(model, x, sigma=0.5, num_classes=2, n0=50, n=500, alpha=0.01, batch_size=500,
-                           seed=cert.seed)
+    assert cert == certify(model, x, sigma=0.5, num_classes=2, n0=50, n=500, alpha=0.01, batch_size=500, seed=cert.seed)
     pred = predict(model, x, sigma=0.5, num_classes=2, n=500, alpha=0.01, batch_size=64)
     assert isinstance(pred.seed, int) and pred.seed != cert.seed
 
@@ -460,8 +475,7 @@ def test_alpha_inside_open_interval_is_accepted(alpha: float) -> None:
 @pytest.mark.parametrize(("sigma", "distance"), [(0.25, 0.3), (0.5, 1.0), (1.0, 0.5)])
 def test_linear_radius_within_one_percent_at_a_million_samples(sigma: float, distance: float) -> None:
     model, x, label = linear_problem(distance, side=0)
-    cert = certify(model, x, sigma=sigma, num_classes=2, n0=100, n=1_000_000, alpha=0.001, batch_size=BIG_BATCH,
-                   seed=3)
+    cert = certify(model, x, sigma=sigma, num_classes=2, n0=100, n=1_000_000, alpha=0.001, batch_size=BIG_BATCH, seed=3)
     assert cert.label == label
     assert 0.99 * distance <= cert.radius <= distance
 

@@ -121,8 +121,15 @@ def test_count_chunks_rows_match_each_chunk_counted_alone(model: BucketClassifie
     for row, chunk in zip(together, chunks, strict=True):
         assert row.tolist() == count_chunks(model, [chunk], NUM_CLASSES)[0].tolist()
         alone = sample_counts(
-            model, chunk.x, chunk.size, sigma=chunk.sigma, num_classes=NUM_CLASSES, batch_size=13,
-            seed=chunk.seed, stage=chunk.stage, start=chunk.start,
+            model,
+            chunk.x,
+            chunk.size,
+            sigma=chunk.sigma,
+            num_classes=NUM_CLASSES,
+            batch_size=13,
+            seed=chunk.seed,
+            stage=chunk.stage,
+            start=chunk.start,
         )
         assert row.tolist() == alone.tolist()
 
@@ -217,10 +224,12 @@ def test_noisy_batch_is_x_plus_sigma_noise() -> None:
         Chunk(x=1 - x, sigma=0.5, seed=5, stage=SELECTION_STAGE, start=0, stop=2),
     ]
     batch = noisy_batch(chunks, CPU)
-    expected = torch.cat([
-        x + 0.25 * stream_noise(SHAPE, 4, ESTIMATION_STAGE, 3, 40, CPU),
-        (1 - x) + 0.5 * stream_noise(SHAPE, 5, SELECTION_STAGE, 0, 2, CPU),
-    ])
+    expected = torch.cat(
+        [
+            x + 0.25 * stream_noise(SHAPE, 4, ESTIMATION_STAGE, 3, 40, CPU),
+            (1 - x) + 0.5 * stream_noise(SHAPE, 5, SELECTION_STAGE, 0, 2, CPU),
+        ]
+    )
     torch.testing.assert_close(batch, expected, rtol=0, atol=1e-6)
     assert x.equal(torch.rand(SHAPE, generator=torch.Generator().manual_seed(0)))  # input untouched
     channels_last = noisy_batch(chunks, CPU, channels_last=True)

@@ -52,8 +52,9 @@ def false_certification_rate(p_a: float, radius: float, alpha: float, runs: int,
     rng = np.random.default_rng(1)
     wrong = 0
     for _ in range(runs):
-        decision = run(radius_test(radius=radius, sigma=SIGMA, alpha=alpha, n0=10, n_max=n_max),
-                       binomial_sampler(p_a, rng))
+        decision = run(
+            radius_test(radius=radius, sigma=SIGMA, alpha=alpha, n0=10, n_max=n_max), binomial_sampler(p_a, rng)
+        )
         wrong += decision.certified
     return wrong
 
@@ -88,16 +89,16 @@ def test_naive_repeated_looks_would_fail_the_same_check() -> None:
 
 def test_radius_test_spends_few_samples_when_p_a_is_well_above_threshold() -> None:
     rng = np.random.default_rng(3)
-    decisions = [run(radius_test(radius=0.25, sigma=SIGMA, alpha=0.001), binomial_sampler(0.99, rng))
-                 for _ in range(200)]
+    decisions = [
+        run(radius_test(radius=0.25, sigma=SIGMA, alpha=0.001), binomial_sampler(0.99, rng)) for _ in range(200)
+    ]
     assert all(d.certified and d.label == 0 for d in decisions)
     assert np.mean([d.samples for d in decisions]) < 100_000 / 50
 
 
 def test_radius_test_stops_early_for_futility_without_certifying() -> None:
     rng = np.random.default_rng(4)
-    decisions = [run(radius_test(radius=1.0, sigma=SIGMA, alpha=0.001), binomial_sampler(0.8, rng))
-                 for _ in range(100)]
+    decisions = [run(radius_test(radius=1.0, sigma=SIGMA, alpha=0.001), binomial_sampler(0.8, rng)) for _ in range(100)]
     assert not any(d.certified for d in decisions)
     assert all(d.reason == "not_certified" for d in decisions)
     assert np.mean([d.samples for d in decisions]) < 5_000
@@ -128,8 +129,9 @@ def test_adaptive_radius_exceeds_the_truth_at_most_alpha_often() -> None:
 
 def test_adaptive_stops_early_when_more_samples_cannot_help_much() -> None:
     rng = np.random.default_rng(6)
-    certificates = [run(adaptive_certify(sigma=SIGMA, alpha=0.001, tolerance=0.05), binomial_sampler(0.7, rng))
-                    for _ in range(50)]
+    certificates = [
+        run(adaptive_certify(sigma=SIGMA, alpha=0.001, tolerance=0.05), binomial_sampler(0.7, rng)) for _ in range(50)
+    ]
     assert np.mean([c.samples for c in certificates]) < 100_000 / 2
     assert all(c.label == 0 and 0 < c.radius < SIGMA * norm.ppf(0.7) for c in certificates)
 

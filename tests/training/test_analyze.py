@@ -14,8 +14,16 @@ from training.analyze import main, parse_seconds, read_log
 # (label, predict, radius, seconds): 7 right answers with radii 0.9 0.3 0.5 1.6 0.1 0.75 2.1,
 # one wrong answer with radius 1.2 and two abstentions.
 ROWS = [
-    (0, 0, 0.9, 1.5), (1, 1, 0.3, 2.0), (2, 2, 0.5, 0.5), (3, 3, 1.6, 1.0), (4, 4, 0.1, 1.0),
-    (5, 5, 0.75, 2.0), (6, 6, 2.1, 1.0), (7, 1, 1.2, 0.5), (8, -1, 0.0, 0.25), (9, -1, 0.0, 0.25),
+    (0, 0, 0.9, 1.5),
+    (1, 1, 0.3, 2.0),
+    (2, 2, 0.5, 0.5),
+    (3, 3, 1.6, 1.0),
+    (4, 4, 0.1, 1.0),
+    (5, 5, 0.75, 2.0),
+    (6, 6, 2.1, 1.0),
+    (7, 1, 1.2, 0.5),
+    (8, -1, 0.0, 0.25),
+    (9, -1, 0.0, 0.25),
 ]
 RADII = ["0", "0.25", "0.5", "1", "2"]
 EXPECTED = ["0.700", "0.600", "0.500", "0.200", "0.100"]  # correct with radius ≥ r, out of 10
@@ -52,8 +60,9 @@ def write_counts_log(path: Path, sigma: float = 0.5, alpha: float = 0.001, n: in
         if i == 10:
             predict = (label + 1) % 10  # confidently wrong
         radius = radius_from_lower_bound(p_a_lower, sigma) if predict != -1 else 0.0
-        lines.append(f"{i}\t{label}\t{predict}\t{radius:.4f}\t{int(predict == label)}\t1.0\t{count_a}\t{n}\t"
-                     f"{sigma}\t{alpha}")
+        lines.append(
+            f"{i}\t{label}\t{predict}\t{radius:.4f}\t{int(predict == label)}\t1.0\t{count_a}\t{n}\t{sigma}\t{alpha}"
+        )
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -101,8 +110,15 @@ def test_tables_hold_the_certified_accuracies(tmp_path: Path, capsys: pytest.Cap
     printed = capsys.readouterr().out
     markdown = (out / "certified_accuracy.md").read_text()
     assert markdown.strip() in printed
-    assert table_row(markdown, "log", "accuracy") == ["log", "accuracy", "r = 0", "r = 0.25", "r = 0.5", "r = 1",
-                                                      "r = 2"]
+    assert table_row(markdown, "log", "accuracy") == [
+        "log",
+        "accuracy",
+        "r = 0",
+        "r = 0.25",
+        "r = 0.5",
+        "r = 1",
+        "r = 2",
+    ]
     for label in ("σ=0.12", "paper_format"):
         assert table_row(markdown, label, "approximate")[2:] == EXPECTED
         assert table_row(markdown, label, "10") == [label, "10", "1.0000", "0:00:10"]  # 10 s in all
@@ -114,8 +130,19 @@ def test_tables_hold_the_certified_accuracies(tmp_path: Path, capsys: pytest.Cap
 
 def test_theorem6_row_lies_below_the_approximate_accuracy(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    main([str(write_seconds_log(tmp_path / "a.tsv")), "--radii", *RADII, "--out-dir", str(out),
-          "--alpha", "0.01", "--rho", "0.05"])
+    main(
+        [
+            str(write_seconds_log(tmp_path / "a.tsv")),
+            "--radii",
+            *RADII,
+            "--out-dir",
+            str(out),
+            "--alpha",
+            "0.01",
+            "--rho",
+            "0.05",
+        ]
+    )
     markdown = (out / "certified_accuracy.md").read_text()
     bound = [float(v) for v in table_row(markdown, "a", "true ≥ (α = 0.01, ρ = 0.05)")[2:]]
     approximate = [float(v) for v in EXPECTED]
@@ -127,8 +154,16 @@ def test_theorem6_row_lies_below_the_approximate_accuracy(tmp_path: Path) -> Non
 
 def test_plot_is_a_png(tmp_path: Path) -> None:
     plot = tmp_path / "figs" / "curves.png"
-    main([str(write_seconds_log(tmp_path / "a.tsv")), str(write_timedelta_log(tmp_path / "b.tsv")),
-          "--out-dir", str(tmp_path / "results"), "--plot", str(plot)])
+    main(
+        [
+            str(write_seconds_log(tmp_path / "a.tsv")),
+            str(write_timedelta_log(tmp_path / "b.tsv")),
+            "--out-dir",
+            str(tmp_path / "results"),
+            "--plot",
+            str(plot),
+        ]
+    )
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot.stat().st_size > 10_000  # axes, two curves and a legend, not an empty canvas
     assert not (tmp_path / "results" / "certified_accuracy.png").exists()

@@ -44,8 +44,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         model[1].fc.bias.zero_()
         model[1].fc.weight.normal_(0, 1)
     save_checkpoint(
-        model.eval(), root / "registry" / "tiny", id="tiny", architecture="fmnist_resnet", dataset="fashion-mnist",
-        classes=FASHION_MNIST_CLASSES, input_shape=(1, 28, 28), sigma=SIGMA,
+        model.eval(),
+        root / "registry" / "tiny",
+        id="tiny",
+        architecture="fmnist_resnet",
+        dataset="fashion-mnist",
+        classes=FASHION_MNIST_CLASSES,
+        input_shape=(1, 28, 28),
+        sigma=SIGMA,
         normalization={"mean": [0.286], "std": [0.353]},
     )
     data = root / "fmnist"
@@ -66,7 +72,7 @@ def run(mode: str, setup: tuple[Path, Path], out: Path, *extra: str) -> dict[str
 def rows_without_time(path: Path) -> list[list[str]]:
     lines = [line.split("\t") for line in path.read_text().splitlines()]
     time_column = lines[0].index("time")
-    return [cells[:time_column] + cells[time_column + 1:] for cells in lines]
+    return [cells[:time_column] + cells[time_column + 1 :] for cells in lines]
 
 
 def test_selected_indices_follow_skip_then_max() -> None:
@@ -122,8 +128,17 @@ def test_certify_row_is_reproducible_alone(setup: tuple[Path, Path], tmp_path: P
     model = fold_batchnorm(model)
     dataset = fashion_mnist("test", data)
     for row, idx in enumerate(log["idx"].astype(int)):
-        cert = core.certify(model, dataset[idx][0], sigma=SIGMA, num_classes=10, n0=8, n=64, alpha=0.001,
-                            batch_size=32, seed=example_seed(11, idx))
+        cert = core.certify(
+            model,
+            dataset[idx][0],
+            sigma=SIGMA,
+            num_classes=10,
+            n0=8,
+            n=64,
+            alpha=0.001,
+            batch_size=32,
+            seed=example_seed(11, idx),
+        )
         assert cert.n_a == log["count_a"][row]
         assert (-1 if cert.abstained else cert.label) == log["predict"][row]
         assert round(cert.radius, 4) == log["radius"][row]
@@ -205,5 +220,6 @@ def test_auto_batch_size_uses_the_inference_plan(
 def test_unknown_model_exits_with_the_available_ids(setup: tuple[Path, Path], tmp_path: Path) -> None:
     registry, data = setup
     with pytest.raises(SystemExit, match="tiny"):
-        main_certify(["--model", "nope", "--registry", str(registry), "--data-root", str(data),
-                      "--out", str(tmp_path / "x.tsv")])
+        main_certify(
+            ["--model", "nope", "--registry", str(registry), "--data-root", str(data), "--out", str(tmp_path / "x.tsv")]
+        )

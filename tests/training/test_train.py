@@ -22,8 +22,26 @@ def write_tiny_fashion_mnist(root: Path) -> None:
 
 
 def args(data: Path, out: Path, workdir: Path) -> list[str]:
-    return ["--dataset", "fashion-mnist", "--data-root", str(data), "--arch", "fmnist_resnet", "--sigma", "0.25",
-            "--epochs", "2", "--batch-size", "32", "--out", str(out), "--workdir", str(workdir), "--seed", "3"]
+    return [
+        "--dataset",
+        "fashion-mnist",
+        "--data-root",
+        str(data),
+        "--arch",
+        "fmnist_resnet",
+        "--sigma",
+        "0.25",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--out",
+        str(out),
+        "--workdir",
+        str(workdir),
+        "--seed",
+        "3",
+    ]
 
 
 @pytest.fixture
@@ -40,13 +58,13 @@ def test_training_writes_a_checkpoint_with_its_recipe_and_epoch_log(data: Path, 
     assert manifest.training["recipe"]["epochs"] == 2 and manifest.training["command"].startswith("train ")
     epochs = manifest.training["epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2]
-    assert all(0 <= e["noisy_accuracy"] <= 1 and 0 <= e["clean_accuracy"] <= 1 and e["train_loss"] > 0
-               for e in epochs)
+    assert all(0 <= e["noisy_accuracy"] <= 1 and 0 <= e["clean_accuracy"] <= 1 and e["train_loss"] > 0 for e in epochs)
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(data: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_run_resumes_to_the_same_weights(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     straight = tmp_path / "straight"
     train_module.main(args(data, straight, tmp_path / "work-straight"))
 

@@ -29,6 +29,7 @@ from smoothing.tuning import (
     fold_batchnorm,
     keep_freed_memory,
     measure_throughput,
+    pick_batch,
     prepare_for_inference,
     sweep_batch_sizes,
 )
@@ -217,14 +218,21 @@ def measure_limit(
     best_rate, best_batch, best_format = max(
         (rate, batch, fmt) for fmt, table in sweep.items() for batch, rate in table.items()
     )
-    unfolded = raw_model.to(memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
-    unfolded_rate = measure_throughput(unfolded, shape, plan.batch_size, plan.channels_last, device, seconds)
-    raw_model.to(memory_format=torch.contiguous_format)
-    float32 = Limit(manifest, raw_model, plan, plan.model, "float32", device)
-    float32_rate = limit_rate(float32, seconds)
+    # L runs at the best batch of the plan's memory format; the service at the plan's (smallest near the best).
     memory_format = "channels-last" if plan.channels_last else "contiguous"
+    table = sweep["channels_last" if plan.channels_last else "contiguous"]
+    best_plan = replace(plan, batch_size=max(table, key=table.__getitem__))
+    service_plan = plan
+    unfolded = raw_model.to(memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
+    unfolded_rate = measure_throughput(unfolded, shape, best_plan.batch_size, plan.channels_last, device, seconds)
+    raw_model.to(memory_format=torch.contiguous_format)
+    float32 = Limit(manifest, raw_model, best_plan, plan.model, "float32", device)
+    float32_rate = limit_rate(float32, seconds)
     ladder.append(
-        {"step": f"+ best batch {plan.batch_size}, {memory_format} (= L in float32)", "samples_per_s": float32_rate}
+        {
+            "step": f"+ best batch {best_plan.batch_size}, {memory_format} (= L in float32)",
+            "samples_per_s": float32_rate,
+        }
     )
 
     limit, rate, tried = float32, float32_rate, []
@@ -266,25 +274,28 @@ def measure_limit(
         # Its best batch may differ from float32's: sweep it too (in the plan's memory format).
         reduced_sweep = sweep_batch_sizes(limit.model, shape, device, plan.channels_last, candidates)
         batch = max(reduced_sweep, key=reduced_sweep.__getitem__)
-        if batch != plan.batch_size:
+        if batch != limit.batch_size:
             limit = replace(limit, plan=replace(plan, batch_size=batch))
             rate = limit_rate(limit, seconds)
             ladder.append({"step": f"+ batch {batch} (= L)", "samples_per_s": rate})
 
-    if limit is not float32:  # the service's tuning cache gets L's plan for the server to run (CERTSERVE_PRECISION)
-        prepare_for_inference(
+    if limit is not float32:  # the service's tuning cache gets its plan for this precision (CERTSERVE_PRECISION):
+        # its own tuning, between L's batch and the smallest near it (smoothing.tuning.pick_batch)
+        service_plan = prepare_for_inference(
             raw_model,
             shape,
             device,
             cache_key=manifest.sha256,
             cache_file=tuning_cache,
-            candidates=(limit.batch_size,),
+            candidates=tuple(sorted({limit.batch_size, pick_batch(reduced_sweep)})),
             precision=limit.precision,
         )
     section = {
         "model_as_measured": {
             "bn_folded": True,
             "batch_size": limit.batch_size,
+            "service_batch_size": service_plan.batch_size,
+            "service_interactive_batch_size": service_plan.interactive_batch_size,
             "channels_last": plan.channels_last,
             "precision": limit.precision,
             "inference_mode": True,

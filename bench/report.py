@@ -101,11 +101,18 @@ def limit_section(r: dict[str, Any]) -> list[str]:
     best = lim["sweep_best"]
     lines += [
         "",
-        f"The service's tuner (`prepare_for_inference`, whose plan L uses) picked batch {used['batch_size']}"
-        ", "
-        f"{'channels-last' if used['channels_last'] else 'contiguous'}; this second sweep's best was batch "
+        f"L runs at batch {used['batch_size']}, "
+        f"{'channels-last' if used['channels_last'] else 'contiguous'} (the format the service's tuner "
+        f"`prepare_for_inference` picked); this second sweep's best was batch "
         f"{best['batch_size']}, {best['memory_format'].replace('_', '-')} ({num(best['samples_per_s'])}).",
     ]
+    if "service_batch_size" in used:
+        lines += [
+            "",
+            f"The service ran batches of {used['service_batch_size']} samples, and of "
+            f"{used['service_interactive_batch_size']} for a second after any `/v1/predict` arrived (the smallest "
+            "batch within 5 % of the best, so that a prediction waits less for the batch in flight).",
+        ]
     fold = lim["bn_folding"]
     lines += [
         "",
@@ -195,12 +202,13 @@ def memory_section(r: dict[str, Any]) -> list[str]:
 def latency_section(r: dict[str, Any]) -> list[str]:
     lat = r["latency"]
     idle, sat = lat["idle"], lat["saturated"]
+    saturating = f"{sat['certify_clients']} certify clients saturating the device"
     lines = table(
         ["/v1/predict, n = 100", "requests", "p50 ms", "p99 ms"],
         [
             ["idle", str(idle["count"]), num(idle["p50_ms"], 1), num(idle["p99_ms"], 1)],
             [
-                f"{sat['certify_clients']} certify clients saturating the device ({sat['device_fraction_of_limit']:.2f} L)",
+                f"{saturating} ({sat['device_fraction_of_limit']:.2f} L)",
                 str(sat["predict"]["count"]),
                 num(sat["predict"]["p50_ms"], 1),
                 num(sat["predict"]["p99_ms"], 1),

@@ -43,6 +43,10 @@ class LoadedModel:
     def batch_size(self) -> int:
         return self.plan.batch_size
 
+    def batch_size_for(self, interactive: bool) -> int:
+        """The interactive batch while predictions are recent (shorter waits), else the fastest."""
+        return self.plan.interactive_batch_size if interactive else self.plan.batch_size
+
 
 def pick_device(name: str) -> torch.device:
     """'auto' → the first CUDA GPU if there is one, else the CPU."""
@@ -68,10 +72,19 @@ def load_models(
         plan = prepare_for_inference(
             model, manifest.input_shape, device, cache_key=manifest.sha256, cache_file=tuning_cache, precision=precision
         )
-        if max_batch and plan.batch_size > max_batch:
-            plan = replace(plan, batch_size=max_batch)
+        if max_batch:
+            plan = replace(
+                plan,
+                batch_size=min(plan.batch_size, max_batch),
+                interactive_batch_size=min(plan.interactive_batch_size, max_batch),
+            )
         log.info(
-            "loaded %s on %s: batch %d, %.0f samples/s", model_id, device, plan.batch_size, plan.samples_per_second
+            "loaded %s on %s: batch %d (interactive %d), %.0f samples/s",
+            model_id,
+            device,
+            plan.batch_size,
+            plan.interactive_batch_size,
+            plan.samples_per_second,
         )
         loaded[model_id] = LoadedModel(manifest, plan, device)
     return loaded
@@ -114,8 +127,8 @@ class Executor:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _batch_size_for(self, model_id: str) -> int:
-        return self.models[model_id].batch_size
+    def _batch_size_for(self, model_id: str, interactive: bool) -> int:
+        return self.models[model_id].batch_size_for(interactive)
 
     def _run(self) -> None:
         # Flushing denormals is a per-thread setting: set it on the thread that runs the forward passes.

@@ -4,8 +4,12 @@ Work is measured in samples, not requests. A ``WorkItem`` asks for the class cou
 [0, num) of one input's noise stream. At every step the executor asks ``next_batch`` for up to
 the model's best batch size: the scheduler takes the model of the most urgent item, then fills
 the batch from that model's items, highest priority class first, round-robin inside a class,
-one chunk per item per turn. A 100,000-sample certification therefore shares every forward
-pass with, and never blocks, a 100-sample prediction that arrives after it.
+one chunk per item per turn. A 100,000-sample certification therefore never blocks a
+100-sample prediction that arrives after it. A batch led by PREDICT work holds PREDICT work
+only: a prediction waits for at most the batch in flight, then runs in a batch of its own size
+instead of a full one. And for ``INTERACTIVE_WINDOW_S`` after PREDICT work arrives, every batch
+is the model's interactive size (the smallest near its best throughput, smoothing.tuning) rather
+than its fastest, so that the batch in flight is short too (bench/findings.md).
 
 Threads: the event loop calls ``submit`` and cancels futures; the executor thread calls
 ``next_batch`` and ``complete``. One condition variable guards all state.
@@ -24,6 +28,8 @@ from enum import IntEnum
 import torch
 
 from smoothing.sampling import NOISE_BLOCK, Chunk
+
+INTERACTIVE_WINDOW_S = 1.0
 
 
 class Priority(IntEnum):
@@ -105,6 +111,7 @@ class Scheduler:
         self._cond = threading.Condition()
         # Rough service rate for Retry-After, updated by ``complete``.
         self._samples_per_s = 1_000.0
+        self._interactive_until = 0.0  # time.monotonic() until which batches use the interactive size
 
     @property
     def pending_samples(self) -> int:
@@ -118,25 +125,31 @@ class Scheduler:
                 raise QueueFull(self._pending, self.max_pending_samples, retry)
             self._pending += item.num
             self._queues[item.priority].append(item)
+            if item.priority == Priority.PREDICT:
+                self._interactive_until = time.monotonic() + INTERACTIVE_WINDOW_S
             self._cond.notify()
         return item.future
 
-    def next_batch(self, batch_size_for: Callable[[str], int], timeout: float) -> Batch | None:
-        """The next batch to run, or None if there was none ready within ``timeout`` seconds."""
+    def next_batch(self, batch_size_for: Callable[[str, bool], int], timeout: float) -> Batch | None:
+        """The next batch to run, or None if there was none ready within ``timeout`` seconds.
+
+        ``batch_size_for(model_id, interactive)`` gives the model's batch size, its interactive one
+        while PREDICT work is recent."""
         with self._cond:
             self._drop_finished_and_expired()
             lead = self._most_urgent()
             if lead is None:
                 self._cond.wait(timeout)
                 return None
-            batch_size = batch_size_for(lead.model_id)
+            batch_size = batch_size_for(lead.model_id, time.monotonic() < self._interactive_until)
             if self.batch_delay_s > 0:
                 ready = sum(i.undispatched for q in self._queues.values() for i in q if i.model_id == lead.model_id)
                 wait = min(i.arrival for q in self._queues.values() for i in q) + self.batch_delay_s - time.monotonic()
                 if ready < batch_size and wait > 0:
                     self._cond.wait(min(wait, timeout))
                     return None
-            return self._fill(lead.model_id, batch_size)
+            classes = [Priority.PREDICT] if lead.priority == Priority.PREDICT else list(Priority)
+            return self._fill(lead.model_id, batch_size, classes)
 
     def complete(self, batch: Batch, counts: torch.Tensor, service_seconds: float) -> None:
         """Add each chunk's counts (len(chunks), num_classes) to its item; resolve finished items."""
@@ -168,11 +181,11 @@ class Scheduler:
                 return min(live, key=lambda i: i.arrival)
         return None
 
-    def _fill(self, model_id: str, batch_size: int) -> Batch:
+    def _fill(self, model_id: str, batch_size: int, classes: list[Priority]) -> Batch:
         items: list[WorkItem] = []
         chunks: list[Chunk] = []
         room = batch_size
-        for priority in Priority:
+        for priority in classes:
             queue = self._queues[priority]
             while room > 0:
                 turn = [i for i in queue if i.model_id == model_id and i.undispatched > 0]

@@ -39,7 +39,12 @@ class Settings(BaseSettings):
         description="arithmetic of the base classifier: 'auto' = float32 unless bfloat16 autocast (float16 too on "
         "CUDA) is measured 1.2x faster at load time; certificates hold for the classifier actually run",
     )
-    batch_delay_ms: float = Field(2.0, ge=0, description="wait for more work, counted from the oldest queued item")
+    batch_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="wait up to this long for more work before a batch that is not full, counted from "
+        "the oldest queued item (work that arrives while the device is busy batches anyway)",
+    )
     tuning_cache: Path | None = Field(
         Path("state/tuning.json"), description="JSON file caching the batch-size sweep across restarts"
     )

@@ -24,7 +24,11 @@ CPU_BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 GPU_BATCH_SIZES = (128, 256, 512, 1024, 2048, 4096, 8192)
 PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FASTER_BY = 1.2  # reduced precision must beat float32 by this factor to be chosen by precision="auto"
-_plans: dict[str, tuple[int, bool, float, str]] = {}
+# A plan's interactive batch is the smallest within this fraction of the best throughput: on CPUs the
+# curve is flat near its top (256 to 1,024 within a few percent), and a batch 4x smaller is a 4x
+# shorter wait for an interactive request that arrives while it runs.
+NEAR_BEST = 0.95
+_plans: dict[str, dict[str, object]] = {}
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -52,13 +56,18 @@ def keep_freed_memory() -> bool:
 
 @dataclass(frozen=True)
 class InferencePlan:
-    """How to run a model for sampling: the optimized module and its measured best batch."""
+    """How to run a model for sampling: the optimized module and its measured batch sizes."""
 
     model: nn.Module  # eval mode, BatchNorm folded, channels-last when that was faster
-    batch_size: int
+    batch_size: int  # the fastest
     channels_last: bool
     samples_per_second: float  # noise + forward + argmax, measured at batch_size
     precision: str = "float32"  # "float32", or the autocast dtype the model runs under
+    interactive_batch_size: int = 0  # the smallest near the fastest (pick_batch); 0 = batch_size
+
+    def __post_init__(self) -> None:
+        if not self.interactive_batch_size:
+            object.__setattr__(self, "interactive_batch_size", self.batch_size)
 
 
 class Autocast(nn.Module):
@@ -150,23 +159,30 @@ def sweep_batch_sizes(
     return results
 
 
+def pick_batch(rates: dict[int, float], near_best: float = NEAR_BEST) -> int:
+    """The smallest batch size whose throughput is within ``near_best`` of the best one's."""
+    best = max(rates.values())
+    return min(batch for batch, rate in rates.items() if rate >= near_best * best)
+
+
 def _plan_key(cache_key: str, device: torch.device, precision: str) -> str:
     return f"{cache_key}|{device}|threads={torch.get_num_threads()}|torch={torch.__version__}|precision={precision}"
 
 
 def _sweep(
     model: nn.Module, input_shape: tuple[int, ...], device: torch.device, candidates: tuple[int, ...], precision: str
-) -> tuple[int, bool, float, str]:
-    """(batch size, channels_last, samples/s, precision) of the fastest float32 setting; with
+) -> dict[str, object]:
+    """The plan's settings: the faster memory format, its fastest batch and ``pick_batch``'s; with
     precision="auto", a reduced precision replaces float32 where it is FASTER_BY faster."""
-    best = (0.0, candidates[0], False)
+    tables = {}
     for channels_last in (False, True):
         trial = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         trial = with_precision(trial, "float32" if precision == "auto" else precision, device)
-        for batch_size, rate in sweep_batch_sizes(trial, input_shape, device, channels_last, candidates).items():
-            best = max(best, (rate, batch_size, channels_last))
-    rate, batch_size, channels_last = best
-    chosen = "float32" if precision == "auto" else precision
+        tables[channels_last] = sweep_batch_sizes(trial, input_shape, device, channels_last, candidates)
+    channels_last = max(tables, key=lambda fmt: max(tables[fmt].values()))
+    table = tables[channels_last]
+    batch_size = max(table, key=table.__getitem__)
+    rate, chosen = table[batch_size], ("float32" if precision == "auto" else precision)
     if precision == "auto":
         formatted = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         for reduced in ("bfloat16", "float16") if device.type == "cuda" else ("bfloat16",):
@@ -175,7 +191,13 @@ def _sweep(
             )
             if reduced_rate > FASTER_BY * rate:
                 rate, chosen = reduced_rate, reduced
-    return batch_size, channels_last, rate, chosen
+    return dict(
+        batch_size=batch_size,
+        interactive_batch_size=pick_batch(table),
+        channels_last=channels_last,
+        samples_per_second=rate,
+        precision=chosen,
+    )
 
 
 def prepare_for_inference(
@@ -188,7 +210,7 @@ def prepare_for_inference(
     candidates: tuple[int, ...] | None = None,
     precision: str = "float32",
 ) -> InferencePlan:
-    """Fold BatchNorm, move to ``device``, and pick the fastest (batch size, memory format).
+    """Fold BatchNorm, move to ``device``, and pick the fastest memory format and batch size, and an interactive batch.
 
     ``precision``: "float32" (the default, the checkpoint as trained), "bfloat16"/"float16"
     (autocast), or "auto": float32 unless bfloat16 (float16 too on CUDA) is measured FASTER_BY
@@ -205,38 +227,31 @@ def prepare_for_inference(
     keep_freed_memory()
     model = fold_batchnorm(model.to(device))
     key = _plan_key(cache_key, device, precision) if cache_key else None
-    cached = _plans.get(key) if key else None
-    if key and cached is None and cache_file is not None and cache_file.exists():
-        stored = json.loads(cache_file.read_text()).get(key)
-        if stored:
-            cached = (
-                stored["batch_size"],
-                stored["channels_last"],
-                stored["samples_per_second"],
-                stored.get("precision", "float32"),
-            )
-    if cached is None:
+    settings = _plans.get(key) if key else None
+    if key and settings is None and cache_file is not None and cache_file.exists():
+        settings = json.loads(cache_file.read_text()).get(key)
+    if settings is None:
         if candidates is None:
             candidates = GPU_BATCH_SIZES if device.type == "cuda" else CPU_BATCH_SIZES
-        cached = _sweep(model, input_shape, device, candidates, precision)
-        log.info("best batch for %s on %s: %d (channels_last=%s, %.0f samples/s, %s)", cache_key, device, *cached)
+        settings = _sweep(model, input_shape, device, candidates, precision)
+        log.info("plan for %s on %s: %s", cache_key, device, settings)
     if key:
-        _plans[key] = cached
+        _plans[key] = settings
         if cache_file is not None:
             stored = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-            stored[key] = dict(
-                zip(("batch_size", "channels_last", "samples_per_second", "precision"), cached, strict=True)
-            )
+            stored[key] = settings
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             cache_file.write_text(json.dumps(stored, indent=2))
-    batch_size, channels_last, rate, chosen = cached
+    channels_last = bool(settings["channels_last"])
+    precision = str(settings.get("precision", "float32"))
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return InferencePlan(
-        model=with_precision(model, chosen, device),
-        batch_size=batch_size,
+        model=with_precision(model, precision, device),
+        batch_size=int(settings["batch_size"]),
         channels_last=channels_last,
-        samples_per_second=rate,
-        precision=chosen,
+        samples_per_second=float(settings["samples_per_second"]),
+        precision=precision,
+        interactive_batch_size=int(settings.get("interactive_batch_size", 0)),
     )
 
 
@@ -244,6 +259,7 @@ def plan_summary(plan: InferencePlan) -> dict[str, object]:
     """The plan without the module, for logs and API answers."""
     return {
         "batch_size": plan.batch_size,
+        "interactive_batch_size": plan.interactive_batch_size,
         "channels_last": plan.channels_last,
         "samples_per_second": round(plan.samples_per_second, 1),
         "precision": plan.precision,

@@ -338,7 +338,7 @@ def test_cancel_drops_the_in_flight_samples_from_the_scheduler(engine, sqlite_st
         await until(lambda: _true(scheduler.pending_samples > 5_000_000))
         assert await runner.cancel(job_id, None)
         # Nothing of the job is left for the executor (asking for a batch here would steal one if there were).
-        await until(lambda: _true(scheduler.next_batch(lambda _: 64, timeout=0.0) is None), timeout=5.0)
+        await until(lambda: _true(scheduler.next_batch(lambda *_: 64, timeout=0.0) is None), timeout=5.0)
         assert scheduler.pending_samples < 5_000_000
         assert (await runner.status(job_id, None))["done"] == 0
         await runner.stop()

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from models.architectures import build_model
-from smoothing.tuning import Autocast, fold_batchnorm, measure_throughput, prepare_for_inference, sweep_batch_sizes
+from smoothing.tuning import (
+    Autocast,
+    fold_batchnorm,
+    measure_throughput,
+    pick_batch,
+    prepare_for_inference,
+    sweep_batch_sizes,
+)
 
 
 def _model_with_trained_batchnorm() -> torch.nn.Module:
@@ -76,3 +83,10 @@ def test_auto_precision_is_float32_or_a_measured_faster_one() -> None:
     assert isinstance(plan.model, Autocast) == (plan.precision != "float32")
     with pytest.raises(ValueError, match="precision"):
         prepare_for_inference(_model_with_trained_batchnorm(), (1, 28, 28), candidates=(8,), precision="int8")
+
+
+def test_pick_batch_takes_the_smallest_batch_near_the_best() -> None:
+    rates = {64: 50_000.0, 256: 78_000.0, 1024: 80_000.0, 512: 79_000.0}
+    assert pick_batch(rates) == 256  # 78,000 >= 0.95 * 80,000
+    assert pick_batch(rates, near_best=0.985) == 512  # 79,000 >= 78,800 > 78,000
+    assert pick_batch(rates, near_best=1.0) == 1024

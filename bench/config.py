@@ -34,7 +34,8 @@ class BenchConfig:
     sweep_window_s: float
     mixed_predicts: int  # predicts (n = predict_n) of the mixed load
     mixed_certify_ns: tuple[int, ...]  # one certification per entry, n = entry
-    mixed_arrival_span_s: float  # every request of the mixed load arrives within this many seconds
+    mixed_arrival_span_s: float  # every request of the mixed load arrives within this many seconds (shorter than
+    # either side needs to serve it, so that throughput is measured, not the arrival rate)
     cache_hits: int  # repeated certifications of one input, answered from the cache
     cache_n: int  # n of the certification that fills the cache
     server_start_timeout_s: float
@@ -51,7 +52,7 @@ FULL = BenchConfig(
     precision_rounds=3,
     precision_images=4,
     precision_n=10_000,
-    library_rounds=3,
+    library_rounds=5,
     library_seconds=5.0,
     n0=100,
     certify_n=10_000,
@@ -67,9 +68,9 @@ FULL = BenchConfig(
     saturating_clients=4,
     sweep_concurrency=(1, 2, 4, 8, 16, 32, 64),
     sweep_window_s=6.0,
-    mixed_predicts=200,
+    mixed_predicts=1000,
     mixed_certify_ns=(10_000, 20_000, 50_000),
-    mixed_arrival_span_s=2.0,
+    mixed_arrival_span_s=0.5,
     cache_hits=300,
     cache_n=10_000,
     server_start_timeout_s=180.0,

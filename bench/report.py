@@ -140,8 +140,10 @@ def library_section(r: dict[str, Any]) -> list[str]:
     lib = r["library"]
     return [
         f"`smoothing.core.certify` (n0 = {lib['n0']}, n = {num(lib['n'])}, batch {lib['batch_size']}): "
-        f"{num(lib['samples_per_s'])} samples/s over {lib['certifications']} certifications = "
-        f"**{lib['fraction_of_limit']:.3f} L** (L = {num(lib['limit_samples_per_s'])} in the windows around it; "
+        f"{num(lib['samples_per_s'])} samples/s over {lib['certifications']} certifications; median round "
+        f"**{lib['fraction_of_limit']:.3f} L** (rounds: "
+        + ", ".join(f"{row['fraction_of_limit']:.3f}" for row in lib["rounds"])
+        + f"; each against the L windows around it, L ≈ {num(lib['limit_samples_per_s'])}; "
         f"{lib['abstentions']} abstentions, mean radius {lib['mean_radius']:.3f}).",
     ]
 

@@ -40,8 +40,6 @@ from smoothing.sampling import new_seed
 from smoothing.sequential import DEFAULT_TOLERANCE, AdaptiveCertificate, RadiusDecision, adaptive_certify, radius_test
 from smoothing.statistics import radius_from_lower_bound
 
-DISCONNECT_POLL_S = 0.1  # how often a waiting request checks whether its client is still there
-
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
@@ -84,17 +82,27 @@ def request_body_doc(params: type[CommonParams], json_body: type[CommonParams]) 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``; cancel it (and raise ClientDisconnected) if the client goes away meanwhile.
 
-    Cancelling reaches the scheduler, which drops the request's remaining samples.
+    Cancelling reaches the scheduler, which drops the request's remaining samples. The client is
+    watched by a task parked on the ASGI ``receive`` (which answers ``http.disconnect`` when it
+    leaves): waiting requests cost no CPU, where polling ``is_disconnected`` every 100 ms had the
+    event loop spend most of its time polling once a thousand predictions were waiting.
     """
     task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_gone(request))
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                raise ClientDisconnected()
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            raise ClientDisconnected()
         return task.result()
     finally:
         task.cancel()  # no-op once done; stops the work if we were cancelled or the client left
+        watcher.cancel()
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client has disconnected (call after the body was read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def answer_fields(loaded: LoadedModel, label: int | None, timing: Timing, cached: bool) -> dict[str, Any]:

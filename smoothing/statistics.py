@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from scipy.stats import binomtest, norm
+from scipy.special import bdtrc
+from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
 
@@ -27,11 +28,16 @@ def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
 def two_sided_p_value(n_a: int, n_b: int) -> float:
     """p-value of the two-sided binomial test of P(A) = 1/2 given n_a A's among n_a + n_b trials.
 
-    With no trials at all (n_a + n_b = 0) there is no evidence: the p-value is 1.
+    At P = 1/2 the binomial distribution is symmetric, so the two-sided p-value (the probability
+    of the outcomes no likelier than the one observed, as ``scipy.stats.binomtest`` defines it)
+    is 2·P(X ≥ max(n_a, n_b)), capped at 1. ``scipy.special.bdtrc`` computes that tail about a
+    hundred times faster than ``binomtest``, which matters because every prediction runs this on
+    the service's event loop. With no trials at all (n_a + n_b = 0) there is no evidence: 1.
     """
-    if n_a + n_b == 0:
+    n = n_a + n_b
+    if n == 0:
         return 1.0
-    return float(binomtest(n_a, n_a + n_b, 0.5, alternative="two-sided").pvalue)
+    return min(1.0, 2.0 * float(bdtrc(max(n_a, n_b) - 1, n, 0.5)))
 
 
 def radius_from_lower_bound(p_a_lower: float, sigma: float) -> float:

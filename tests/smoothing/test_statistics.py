@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import beta, binom, norm
+from scipy.stats import beta, binom, binomtest, norm
 
 from smoothing.statistics import (
     lower_confidence_bound,
@@ -138,3 +138,10 @@ def test_radius_hand_values_and_inverse() -> None:
     for radius in (0.0, 0.1, 0.37, 1.0, 2.5):
         assert probability_for_radius(radius, 0.5) == pytest.approx(norm.cdf(radius / 0.5), rel=1e-12)
         assert radius_from_lower_bound(probability_for_radius(radius, 0.5), 0.5) == pytest.approx(radius, abs=1e-9)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1000, 100_000])
+def test_two_sided_p_value_equals_scipy_binomtest(n: int) -> None:
+    for n_a in sorted({0, 1, n // 3, n // 2, (n + 1) // 2, n - 1, n}):
+        expected = binomtest(n_a, n, 0.5, alternative="two-sided").pvalue
+        assert two_sided_p_value(n_a, n - n_a) == pytest.approx(expected, rel=1e-9, abs=1e-300)

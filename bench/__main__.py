@@ -33,6 +33,7 @@ from bench.server import REPO_ROOT, Server, start_server, stop_server
 from bench.service_load import measure_service
 from models.registry import DEFAULT_ROOT, find_checkpoint, read_registry_manifest
 from service.executor import pick_device
+from smoothing.tuning import keep_freed_memory
 
 DEFAULT_MODEL = "fmnist-resnet-sigma0.25"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"  # a database of its own: flushed before and after
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     out = args.out or REPO_ROOT / "bench" / "results" / f"{device_slug(device)}.json"
     started = time.perf_counter()
+    keep_freed_memory()  # as `python -m service` does at start-up, before the first large allocation
     start_compute_thread()  # the service's threading, mirrored (see bench.compute_thread)
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
         results = run(args, config, device, Path(workdir))

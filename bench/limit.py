@@ -27,7 +27,6 @@ from smoothing.tuning import (
     Autocast,
     InferencePlan,
     fold_batchnorm,
-    keep_freed_memory,
     measure_throughput,
     pick_batch,
     prepare_for_inference,
@@ -184,13 +183,6 @@ def measure_limit(
     ladder.append(
         {
             "step": "+ denormal floats flushed to zero",
-            "samples_per_s": measure_throughput(raw_model, shape, PAPER_BATCH, False, device, seconds),
-        }
-    )
-    keep_freed_memory()  # as prepare_for_inference does, for the whole process (the paper loop's later runs too)
-    ladder.append(
-        {
-            "step": "+ malloc keeps freed memory (no page faults on every batch's buffers)",
             "samples_per_s": measure_throughput(raw_model, shape, PAPER_BATCH, False, device, seconds),
         }
     )

@@ -8,9 +8,11 @@ import uvicorn
 
 from service.app import create_app
 from service.settings import Settings
+from smoothing.tuning import keep_freed_memory
 
 
 def main() -> None:
+    keep_freed_memory()  # before the first large allocation: set later, it helped less (bench/findings.md)
     settings = Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(

@@ -1,1 +1,1 @@
-python -m bench.sample_efficiency --threads 1
+python -m bench.sample_efficiency

@@ -123,6 +123,7 @@ async def service_parts(server: Server, limit: Limit, config: BenchConfig, seed:
             certify_ns=config.mixed_certify_ns,
             n0=config.n0,
             span_s=config.mixed_arrival_span_s,
+            rounds=config.mixed_rounds,
             alpha=config.alpha,
             seed=seed + 3,
         )

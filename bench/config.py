@@ -34,6 +34,7 @@ class BenchConfig:
     sweep_window_s: float
     mixed_predicts: int  # predicts (n = predict_n) of the mixed load
     mixed_certify_ns: tuple[int, ...]  # one certification per entry, n = entry
+    mixed_rounds: int  # the mixed load is served this many times by each side; the median round counts
     mixed_arrival_span_s: float  # every request of the mixed load arrives within this many seconds (shorter than
     # either side needs to serve it, so that throughput is measured, not the arrival rate)
     cache_hits: int  # repeated certifications of one input, answered from the cache
@@ -70,6 +71,7 @@ FULL = BenchConfig(
     sweep_window_s=6.0,
     mixed_predicts=500,
     mixed_certify_ns=(10_000, 20_000, 50_000),
+    mixed_rounds=3,
     mixed_arrival_span_s=0.5,
     cache_hits=300,
     cache_n=10_000,
@@ -102,6 +104,7 @@ QUICK = BenchConfig(
     sweep_window_s=0.7,
     mixed_predicts=20,
     mixed_certify_ns=(1_000, 2_000),
+    mixed_rounds=1,
     mixed_arrival_span_s=0.3,
     cache_hits=20,
     cache_n=200,

@@ -253,6 +253,14 @@ def mixed_section(r: dict[str, Any]) -> list[str]:
         "the service gets them over HTTP.",
         "",
     ]
+    if "makespans_s" in mix:
+        spans = mix["makespans_s"]
+        lines += [
+            f"Each side served the load {mix['rounds']} times, alternating; the table shows each side's median "
+            f"round (makespans: paper loop {', '.join(f'{s:.1f}' for s in spans['paper_loop'])} s; service "
+            f"{', '.join(f'{s:.1f}' for s in spans['service'])} s).",
+            "",
+        ]
     rows = []
     for name, run in (("paper loop", mix["paper_loop"]), ("service", mix["service"])):
         p, c = run["predict_latency"], run["certify_latency"]

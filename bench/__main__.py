@@ -174,7 +174,7 @@ def run(args: argparse.Namespace, config: BenchConfig, device: torch.device, wor
     results: dict[str, Any] = {
         "schema": 1,
         "quick": config.quick,
-        "machine": describe_machine(device),
+        "machine": {**describe_machine(device), "torch_threads": on_compute_thread(torch.get_num_threads)},
         "model": {
             "id": manifest.id,
             "architecture": manifest.architecture,

@@ -24,6 +24,7 @@ def model_info(loaded: LoadedModel) -> ModelInfo:
         sha256=manifest.sha256,
         device=str(loaded.device),
         batch_size=loaded.batch_size,
+        interactive_batch_size=loaded.plan.interactive_batch_size,
         samples_per_second=round(loaded.plan.samples_per_second, 1),
         precision=loaded.plan.precision,
     )

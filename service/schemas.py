@@ -163,6 +163,10 @@ class ModelInfo(BaseModel):
     sha256: str = Field(description="sha256 of the weights file")
     device: str
     batch_size: int = Field(description="measured best number of noise samples per forward pass")
+    interactive_batch_size: int = Field(
+        description="samples per forward pass for a second after a /v1/predict arrives: the smallest batch within "
+        "5 % of the best throughput, so that predictions wait less for the batch in flight"
+    )
     samples_per_second: float = Field(description="measured sampling throughput at that batch size")
     precision: str = Field(description="arithmetic of the base classifier: float32, or the autocast dtype")
 

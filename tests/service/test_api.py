@@ -130,6 +130,7 @@ def test_models_are_listed_with_their_measured_batch(client: TestClient) -> None
     assert info == models[0]
     assert info["input_shape"] == [1, 28, 28] and info["sigma"] == TINY_SIGMA and info["classes"] == TINY_CLASSES
     assert info["batch_size"] == TINY_BATCH and info["samples_per_second"] > 0 and len(info["sha256"]) == 64
+    assert info["interactive_batch_size"] == TINY_BATCH  # the only size swept
     assert_error(client.get("/v1/models/nope"), 404, "unknown model 'nope'", TINY_ID)
 
 

@@ -18,6 +18,8 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
+from smoothing.tuning import claim_threads
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -25,14 +27,9 @@ THREAD_NAME = "bench-compute"
 _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
 
 
-def _claim_threads(threads: int) -> int:
-    torch.set_num_threads(threads)
-    return torch.get_num_threads()  # completes PyTorch's lazy per-thread set-up with this count
-
-
 def start_compute_thread() -> int:
     """Give the compute thread PyTorch's default thread count and every other thread one; returns the count."""
-    threads = _executor.submit(_claim_threads, torch.get_num_threads()).result()
+    threads = _executor.submit(claim_threads, torch.get_num_threads()).result()
     torch.set_num_threads(1)
     return threads
 

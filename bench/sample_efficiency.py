@@ -65,13 +65,17 @@ def samples_within_tolerance(tolerance: float, sigma: float, n_max: int, alpha: 
 
 
 def adaptive_summary(
-    adaptive: list[dict], tolerance: float, reference: dict, fixed_samples: int, n_max: int, sigma: float
+    adaptive: list[dict],
+    tolerance: float,
+    reference: dict,
+    fixed_curve: np.ndarray,
+    fixed_samples: int,
+    n_max: int,
+    sigma: float,
 ) -> dict:
-    """Samples and certified-accuracy curve of the adaptive certificates at one tolerance, against fixed n."""
-    labels = reference["label"]
-    fixed_curve = certified_accuracy_curve(reference["predict"], labels, reference["radius"])
+    """Samples and certified-accuracy curve of the adaptive certificates at one tolerance, against fixed n's."""
     adaptive_curve = certified_accuracy_curve(
-        np.array([a["predict"] for a in adaptive]), labels, np.array([a["radius"] for a in adaptive])
+        np.array([a["predict"] for a in adaptive]), reference["label"], np.array([a["radius"] for a in adaptive])
     )
     samples = np.array([a["samples"] for a in adaptive])
     unanimous = float(np.mean(reference["count_a"] == reference["n"])) if "count_a" in reference else 0.0
@@ -144,6 +148,7 @@ def measure_model(
             "certified_fixed": int(np.sum((reference["predict"] >= 0) & (reference["radius"] >= r))),
             "certified_sequential": int(sum(row["certified"] for row in rows_r)),
         }
+    fixed_curve = certified_accuracy_curve(reference["predict"], reference["label"], reference["radius"])
     return {
         "model": model_id,
         "sigma": manifest.sigma,
@@ -154,7 +159,7 @@ def measure_model(
         "seconds": time.perf_counter() - started,
         "cells": cells,
         "adaptive": [
-            adaptive_summary(rows_t, t, reference, fixed_samples, n_max, manifest.sigma)
+            adaptive_summary(rows_t, t, reference, fixed_curve, fixed_samples, n_max, manifest.sigma)
             for t, rows_t in adaptive.items()
         ],
         "decisions": {str(r): rows_r for r, rows_r in decisions.items()},

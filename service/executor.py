@@ -28,7 +28,7 @@ from models.checkpoint import Manifest
 from models.registry import list_models, load_model
 from service.scheduler import Batch, Scheduler
 from smoothing.sampling import count_chunks
-from smoothing.tuning import InferencePlan, prepare_for_inference
+from smoothing.tuning import InferencePlan, claim_threads, prepare_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,7 @@ class Executor:
     def _run(self) -> None:
         # Flushing denormals is a per-thread setting: set it on the thread that runs the forward passes.
         torch.set_flush_denormal(True)
-        torch.set_num_threads(self.threads)
-        # Reading the count back also completes PyTorch's lazy per-thread set-up, which would otherwise happen
-        # at the first forward pass and take the process-wide count (1 by then).
-        log.info("executor computes on %d threads", torch.get_num_threads())
+        log.info("executor computes on %d threads", claim_threads(self.threads))
         self._running.set()
         while not self._stop.is_set():
             batch = self.scheduler.next_batch(self._batch_size_for, timeout=0.05)

@@ -54,6 +54,18 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
+def claim_threads(threads: int) -> int:
+    """Make the calling thread compute on ``threads`` intra-op threads, whatever the process-wide count later
+    becomes; returns the count now in effect.
+
+    ``torch.set_num_threads`` sets the calling thread's count and the process-wide one that threads take at
+    their first parallel operation. Reading the count back completes that per-thread set-up at once, so a
+    later ``torch.set_num_threads(1)`` on another thread no longer reaches this one.
+    """
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 @dataclass(frozen=True)
 class InferencePlan:
     """How to run a model for sampling: the optimized module and its measured batch sizes."""

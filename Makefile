@@ -9,10 +9,10 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: run test test-fast lint dataset install certify-table bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e client
 	touch $(STAMP)
 
 # Debian's Fashion-MNIST (gzipped IDX). Installed automatically when running as root.

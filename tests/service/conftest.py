@@ -13,46 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from tiny_model import TINY_BATCH, TINY_CLASSES, TINY_ID, TINY_SHAPE, TINY_SIGMA, spread_predictions
+from tiny_model import TINY_ID, save_tiny_registry, save_tuning_answer
 
-from models.architectures import build_model
-from models.checkpoint import save_checkpoint
-from models.registry import load_model
 from service.settings import Settings
-from smoothing.tuning import prepare_for_inference
 
 
 @pytest.fixture(scope="session")
 def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A registry folder holding one checkpoint, id "tiny" (1×28×28, 10 classes, σ = 0.25)."""
-    root = tmp_path_factory.mktemp("registry")
-    torch.manual_seed(0)  # the same weights in every run
-    model = build_model("fmnist_resnet", len(TINY_CLASSES), (0.286,), (0.353,)).eval()
-    spread_predictions(model)
-    save_checkpoint(
-        model,
-        root / TINY_ID,
-        id=TINY_ID,
-        architecture="fmnist_resnet",
-        dataset="fashion-mnist",
-        classes=TINY_CLASSES,
-        input_shape=TINY_SHAPE,
-        sigma=TINY_SIGMA,
-        normalization={"mean": [0.286], "std": [0.353]},
-    )
-    return root
+    return save_tiny_registry(tmp_path_factory.mktemp("registry"))
 
 
 @pytest.fixture(scope="session")
 def tuning_cache(tiny_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tuning-cache file answering the tiny model's batch-size sweep with TINY_BATCH."""
-    path = tmp_path_factory.mktemp("tuning") / "tuning.json"
-    model, manifest = load_model(tiny_registry, TINY_ID)
-    prepare_for_inference(
-        model, manifest.input_shape, "cpu", cache_key=manifest.sha256, cache_file=path, candidates=(TINY_BATCH,)
-    )
-    return path
+    return save_tuning_answer(tiny_registry, tmp_path_factory.mktemp("tuning") / "tuning.json")
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from models.architectures import build_model
+from models.checkpoint import save_checkpoint
+from models.registry import load_model
+from smoothing.tuning import prepare_for_inference
 
 TINY_ID = "tiny"
 TINY_SHAPE = (1, 28, 28)
@@ -25,3 +32,31 @@ def spread_predictions(model: torch.nn.Sequential) -> None:
         logits = model(0.5 + TINY_SIGMA * noise)  # (512, 10)
         fc.bias -= logits.mean(dim=0)
         fc.bias[0] += 0.04  # logits vary by ~0.015 under noise: a lead of ~2.5 standard deviations
+
+
+def save_tiny_registry(root: Path) -> Path:
+    """A registry folder ``root`` holding one checkpoint, id "tiny" (1×28×28, 10 classes, σ = 0.25)."""
+    torch.manual_seed(0)  # the same weights in every run
+    model = build_model("fmnist_resnet", len(TINY_CLASSES), (0.286,), (0.353,)).eval()
+    spread_predictions(model)
+    save_checkpoint(
+        model,
+        root / TINY_ID,
+        id=TINY_ID,
+        architecture="fmnist_resnet",
+        dataset="fashion-mnist",
+        classes=TINY_CLASSES,
+        input_shape=TINY_SHAPE,
+        sigma=TINY_SIGMA,
+        normalization={"mean": [0.286], "std": [0.353]},
+    )
+    return root
+
+
+def save_tuning_answer(registry: Path, path: Path) -> Path:
+    """A tuning-cache file at ``path`` answering the tiny model's batch-size sweep with TINY_BATCH."""
+    model, manifest = load_model(registry, TINY_ID)
+    prepare_for_inference(
+        model, manifest.input_shape, "cpu", cache_key=manifest.sha256, cache_file=path, candidates=(TINY_BATCH,)
+    )
+    return path

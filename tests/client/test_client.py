@@ -1,0 +1,201 @@
+"""``Client`` against the real server: every call, every error the server can answer, retries and the progress bar."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import API_KEY, OTHER_KEY, TIGHT_PENDING_SAMPLES
+from helpers import RecordingTransport, black, gray, images_zip, png, wait_for_pending, wait_until_idle
+from live_server import free_port
+
+from certserve_client import (
+    AuthenticationRequired,
+    Certificate,
+    Client,
+    DeadlineExceeded,
+    InvalidApiKey,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    Prediction,
+    RetryPolicy,
+    ServerBusy,
+    ServerUnavailable,
+    UnsupportedInput,
+)
+
+pytestmark = pytest.mark.slow  # every test talks to a server process
+
+
+@pytest.fixture
+def client(server: str) -> Client:
+    with Client(server, api_key=API_KEY) as c:
+        yield c
+
+
+def test_models(client: Client) -> None:
+    (tiny,) = client.models()
+    assert tiny.id == "tiny" and tiny.input_shape == (1, 28, 28) and tiny.sigma == 0.25 and len(tiny.classes) == 10
+    assert client.model("tiny") == tiny
+    with pytest.raises(NotFound, match="unknown model 'nope'") as raised:
+        client.model("nope")
+    assert raised.value.status_code == 404 and "loaded models: tiny" in raised.value.detail
+
+
+def test_predict_takes_a_path_bytes_or_an_array(client: Client, tmp_path: Path) -> None:
+    path = tmp_path / "gray.png"
+    path.write_bytes(png(gray()))
+    by_path = client.predict(path, n=300, seed=7)
+    by_bytes = client.predict(png(gray()), n=300, seed=7)
+    by_array = client.predict(gray()[None].astype(np.float32) / 255.0, n=300, seed=7)
+    assert isinstance(by_path, Prediction) and by_path.n == 300 and by_path.seed == 7
+    assert by_path.counts == by_bytes.counts == by_array.counts  # the same input and seed: the same samples
+    assert by_path.label == 0 and by_path.class_name == "t-shirt" and not by_path.abstained and by_path.p_value < 0.001
+
+
+def test_predict_abstention_is_typed(client: Client) -> None:
+    answer = client.predict(png(black()), n=256, seed=20190)
+    assert answer.abstained and answer.label is None and answer.class_name is None and answer.p_value > answer.alpha
+
+
+def test_certify_every_mode(client: Client) -> None:
+    image = png(gray())
+    fixed = client.certify(image, n0=64, n=400, seed=1)
+    assert isinstance(fixed, Certificate) and fixed.mode == "fixed" and fixed.samples == 464
+    assert fixed.certified and fixed.radius > 0 and fixed.certified_at_radius is None and not fixed.cached
+    assert sum(fixed.estimation_counts) == 400 and sum(fixed.selection_counts) == 64
+    again = client.certify(image, n0=64, n=400, seed=2)  # the cache answers, with the original's samples
+    assert again.cached and again.estimation_counts == fixed.estimation_counts and again.seed == 1
+
+    decided = client.certify(image, n0=64, n=400, radius=5.0, seed=3)  # far beyond what 400 samples can certify
+    assert decided.target_radius == 5.0 and decided.certified_at_radius is False and not decided.certified
+
+    adaptive = client.certify(image, mode="adaptive", n0=64, n=1600, tolerance=0.05, seed=4)
+    assert adaptive.mode == "adaptive" and adaptive.n_max == 1600 and adaptive.samples <= 64 + 1600
+    assert adaptive.target_radius is None and adaptive.certified
+
+    small = client.certify(image, mode="adaptive", radius=0.01, n=3200, seed=5)
+    assert small.certified_at_radius is True and small.certified and small.max_certifiable_radius > 0.01
+    assert small.samples < 100 + 3200  # decided before the last look
+
+
+def test_answers_keep_fields_the_client_does_not_know(client: Client) -> None:
+    answer = client.certify(png(gray()), n0=32, n=128, seed=11)
+    assert answer.raw["queued_s"] == answer.queued_s
+    unknown = set(answer.raw) - set(Certificate.model_fields)
+    for name in unknown:  # a newer server's fields stay readable
+        assert getattr(answer, name) == answer.raw[name]
+
+
+def test_api_keys(server: str) -> None:
+    with Client(server) as anonymous, pytest.raises(AuthenticationRequired, match="missing API key") as raised:
+        anonymous.models()
+    assert raised.value.status_code == 401
+    with Client(server, api_key="wrong") as wrong, pytest.raises(InvalidApiKey, match="invalid API key"):
+        wrong.predict(png(gray()), n=10)
+    with Client(server, api_key=API_KEY) as mine, Client(server, api_key=OTHER_KEY) as theirs:
+        created = mine.submit_job(images_zip(1), n0=16, n=32)
+        with pytest.raises(NotFound, match="another API key"):
+            theirs.job(created)
+        with pytest.raises(NotFound):
+            theirs.cancel(created)
+        assert mine.wait(created, timeout=60).state == "done"
+
+
+def test_bad_input_errors_carry_the_servers_message(client: Client) -> None:
+    with pytest.raises(PayloadTooLarge, match="larger than the limit of 200000 bytes") as raised:
+        client.predict(b"\x00" * 300_000)
+    assert raised.value.status_code == 413
+    with pytest.raises(UnsupportedInput) as raised:
+        client.predict(b"this is not an image")
+    assert raised.value.status_code == 415
+    with pytest.raises(InvalidRequest, match=r"alpha: .*less than 0\.5") as raised:
+        client.certify(png(gray()), alpha=0.7)
+    assert raised.value.status_code == 422
+    with pytest.raises(InvalidRequest, match="28"):
+        client.predict(np.zeros((1, 5, 5), dtype=np.float32), n=10)
+    with pytest.raises(NotFound, match="unknown model"):
+        client.certify(png(gray()), model="nope")
+
+
+def test_an_unreachable_server_is_unavailable_after_the_retries() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with Client(url, retry=RetryPolicy(retries=2, backoff_s=0.05)) as client:
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="cannot reach") as raised:
+            client.models()
+    assert raised.value.status_code is None and time.monotonic() - started >= 0.05 * (1 + 2) * 0.75
+
+
+def test_a_job_from_submit_to_results(client: Client, capsys: pytest.CaptureFixture[str]) -> None:
+    created = client.submit_job(images_zip(3), filename="three.zip", n0=16, n=64, seed=3)
+    assert created.status_url == f"/v1/jobs/{created.id}"
+    status = client.wait(created, progress=True, poll_s=0.1, timeout=120)
+    assert status.state == "done" and status.done == status.total == 3 and status.finished
+    bar = capsys.readouterr().err
+    assert f"job {created.id[:8]}" in bar and "3/3" in bar and "abstained=" in bar  # tqdm's bar on stderr
+    rows = client.results(created)
+    assert rows.state == "done" and [r.idx for r in rows.results] == [0, 1, 2]
+    assert all(r.radius >= 0 and r.abstained == (r.predict is None) for r in rows.results)
+    tsv = client.results(created.id, "tsv").splitlines()
+    assert tsv[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"] and len(tsv) == 4
+    assert client.cancel(created).cancelled is False  # finished: nothing to cancel
+    assert client.job(created.id).state == "done"
+
+
+def test_cancel_a_running_job(client: Client, server: str) -> None:
+    created = client.submit_job(images_zip(20), n0=100, n=100_000)
+    wait_for_pending(server, 1)
+    cancelled = client.cancel(created)
+    assert cancelled.cancelled is True and cancelled.state == "cancelled"
+    assert client.wait(created, timeout=10).state == "cancelled"
+    wait_until_idle(server)
+
+
+def occupy_queue(base: str, samples: int) -> threading.Thread:
+    """A certification holding ``samples`` of the tight server's queue, running in the background."""
+    image = np.random.default_rng().random((1, 28, 28), dtype=np.float32)  # never cached
+
+    def run() -> None:
+        with Client(base, retry=RetryPolicy(retries=0)) as c:
+            c.certify(image, n0=100, n=samples - 100)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for_pending(base, samples * 0.8)
+    return thread
+
+
+def test_503_raises_server_busy_with_retry_after(tight_server: str) -> None:
+    thread = occupy_queue(tight_server, TIGHT_PENDING_SAMPLES - 100)
+    try:
+        with (
+            Client(tight_server, retry=RetryPolicy(retries=0)) as client,
+            pytest.raises(ServerBusy, match="noise samples already pending") as raised,
+        ):
+            client.predict(png(gray()), n=TIGHT_PENDING_SAMPLES // 2)
+        assert raised.value.status_code == 503 and raised.value.retry_after_s >= 1
+    finally:
+        thread.join()
+
+
+def test_503_is_retried_after_retry_after(tight_server: str) -> None:
+    thread = occupy_queue(tight_server, TIGHT_PENDING_SAMPLES - 100)
+    transport = RecordingTransport()
+    try:
+        with Client(tight_server, transport=transport, retry=RetryPolicy(retries=30, max_wait_s=30)) as client:
+            answer = client.predict(png(gray()), n=TIGHT_PENDING_SAMPLES // 2, seed=1)
+    finally:
+        thread.join()
+    assert answer.n == TIGHT_PENDING_SAMPLES // 2 and transport.statuses[0] == 503 and transport.statuses[-1] == 200
+
+
+def test_504_when_the_deadline_passes(deadline_server: str) -> None:
+    with Client(deadline_server) as client, pytest.raises(DeadlineExceeded, match="remaining work was dropped") as r:
+        client.certify(png(gray()), n0=100, n=50_000)
+    assert r.value.status_code == 504
+    wait_until_idle(deadline_server, timeout_s=5)  # the dropped work is gone from the queue

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -27,7 +28,7 @@ from service.engine.engine import Engine, UnknownModel
 from service.engine.executor import Executor
 from service.engine.models import load_models, pick_device
 from service.engine.scheduler import DeadlineExceeded, QueueFull, Scheduler
-from service.http import routes_health, routes_jobs, routes_models, routes_smoothing
+from service.http import routes_health, routes_jobs, routes_models, routes_smoothing, routes_v2
 from service.http.routes_smoothing import ClientDisconnected
 from service.http.schemas import RADIUS_UNITS
 from service.http.state import Services
@@ -119,7 +120,7 @@ class BodyLimit:
         limit = self.limit_for(scope)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:  # servers reject malformed ones
-            await detail(413, str(BodyTooLarge(limit)))(scope, receive, send)
+            await detail(413, str(BodyTooLarge(limit)), path=scope.get("path", ""))(scope, receive, send)
             return
         received = 0
 
@@ -161,33 +162,37 @@ def describe_validation(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def detail(status_code: int, text: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": text}, status_code=status_code, headers=headers)
+def detail(status_code: int, text: str, headers: dict[str, str] | None = None, *, path: str = "") -> JSONResponse:
+    """The error answer: ``{"detail": text}``, or ``{"error": text}`` under /v2 as the Open Inference Protocol says."""
+    key = "error" if path.startswith("/v2/") else "detail"
+    return JSONResponse({key: text}, status_code=status_code, headers=headers)
 
 
 def add_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def validation(request: Request, error: RequestValidationError) -> Response:
-        return detail(422, describe_validation(list(error.errors())))
+        return detail(422, describe_validation(list(error.errors())), path=request.url.path)
 
     async def decode_error(request: Request, error: DecodeError | UploadError) -> Response:
-        return detail(error.status_code, error.message)
+        return detail(error.status_code, error.message, path=request.url.path)
 
     async def unknown_model(request: Request, error: UnknownModel) -> Response:
         known = ", ".join(request.app.state.services.engine.models)
-        return detail(404, f"unknown model {error.args[0]!r}; loaded models: {known}")
+        return detail(404, f"unknown model {error.args[0]!r}; loaded models: {known}", path=request.url.path)
 
     async def queue_full(request: Request, error: QueueFull) -> Response:
-        return detail(503, f"server busy: {error}", headers={"Retry-After": str(error.retry_after_s)})
+        headers = {"Retry-After": str(error.retry_after_s)}
+        return detail(503, f"server busy: {error}", headers, path=request.url.path)
 
     async def deadline(request: Request, error: DeadlineExceeded) -> Response:
         return detail(
             504,
             f"the request did not finish within {settings.request_timeout_s:g} s; its remaining work was "
             f"dropped ({error})",
+            path=request.url.path,
         )
 
     async def too_large(request: Request, error: BodyTooLarge) -> Response:
-        return detail(413, str(error))
+        return detail(413, str(error), path=request.url.path)
 
     async def disconnected(request: Request, error: ClientDisconnected) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -198,13 +203,19 @@ def add_error_handlers(app: FastAPI, settings: Settings) -> None:
             503,
             f"the job store is unreachable ({type(error).__name__}); retry later",
             headers={"Retry-After": str(int(RESUME_RETRY_S) + 1)},
+            path=request.url.path,
         )
 
     async def unexpected(request: Request, error: Exception) -> Response:
         # A bug, never bad input: logged with its traceback (uvicorn logs it too), answered as JSON.
         log.error("unhandled %s on %s %s", type(error).__name__, request.method, request.url.path)
-        return detail(500, f"internal error ({type(error).__name__}); the request may be retried")
+        text = f"internal error ({type(error).__name__}); the request may be retried"
+        return detail(500, text, path=request.url.path)
 
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        return detail(error.status_code, str(error.detail), getattr(error, "headers", None), path=request.url.path)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(DecodeError, decode_error)
     app.add_exception_handler(UploadError, decode_error)
@@ -233,6 +244,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_models.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_health.router)
+    app.include_router(routes_v2.router)
     add_error_handlers(app, settings)
     app.add_middleware(BodyLimit, limit_for=body_limit_for(settings))
     return app

@@ -14,6 +14,7 @@ from collections.abc import Awaitable
 from dataclasses import asdict
 from typing import Any, TypeVar
 
+import torch
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
 
@@ -34,7 +35,7 @@ from service.http.schemas import (
     PredictParams,
     PredictResponse,
 )
-from service.http.state import services
+from service.http.state import Services, services
 from smoothing.core import Certificate, Prediction
 from smoothing.sampling import new_seed
 from smoothing.sequential import DEFAULT_TOLERANCE, AdaptiveCertificate, RadiusDecision, adaptive_certify, radius_test
@@ -194,15 +195,20 @@ def answer_from_cache(stored: dict[str, Any]) -> CertifyResponse | None:
 async def predict(request: Request) -> PredictResponse:
     started = time.perf_counter()
     svc = services(request)
-    settings = svc.settings
     params, payload = await read_input(request, PredictParams, PredictJson)
+    loaded, x = await prepare(svc, params, payload)
+    return await until_disconnected(request, predict_input(svc, loaded, x, params, started))
+
+
+async def predict_input(
+    svc: Services, loaded: LoadedModel, x: torch.Tensor, params: PredictParams, started: float
+) -> PredictResponse:
+    """PREDICT on a decoded input (C, H, W) in [0, 1], for /v1 and /v2 alike; ``started``: perf_counter at arrival."""
+    settings = svc.settings
     n = bounded("n", params.n or settings.default_predict_n, settings.max_n)
     alpha = settings.default_alpha if params.alpha is None else params.alpha
-    loaded, x = await prepare(svc, params, payload)
     model_id = loaded.manifest.id
-    prediction, timing = await until_disconnected(
-        request, svc.engine.predict(model_id, x, n=n, alpha=alpha, seed=params.seed)
-    )
+    prediction, timing = await svc.engine.predict(model_id, x, n=n, alpha=alpha, seed=params.seed)
     metrics.record_prediction(model_id, prediction, time.perf_counter() - started, timing)
     return predict_answer(prediction, loaded, timing)
 
@@ -224,13 +230,20 @@ async def predict(request: Request) -> PredictResponse:
 async def certify(request: Request) -> CertifyResponse:
     started = time.perf_counter()
     svc = services(request)
-    settings = svc.settings
     params, payload = await read_input(request, CertifyParams, CertifyJson)
+    loaded, x = await prepare(svc, params, payload)
+    return await until_disconnected(request, certify_input(svc, loaded, x, params, started))
+
+
+async def certify_input(
+    svc: Services, loaded: LoadedModel, x: torch.Tensor, params: CertifyParams, started: float
+) -> CertifyResponse:
+    """CERTIFY on a decoded input (C, H, W) in [0, 1], cache included, for /v1 and /v2 alike."""
+    settings = svc.settings
     n0 = bounded("n0", params.n0 or settings.default_n0, settings.max_n)
     n = bounded("n", params.n or settings.default_n, settings.max_n)
     alpha = settings.default_alpha if params.alpha is None else params.alpha
     tolerance = DEFAULT_TOLERANCE if params.tolerance is None else params.tolerance
-    loaded, x = await prepare(svc, params, payload)
     manifest = loaded.manifest
     # The key holds everything that determines the answer (never the seed, so nobody can fish for a lucky one).
     mode_key = params.mode if params.mode == "fixed" or params.radius is not None else f"adaptive:tol={tolerance}"
@@ -251,17 +264,14 @@ async def certify(request: Request) -> CertifyResponse:
         return cached
     seed = new_seed() if params.seed is None else params.seed
     if params.mode == "fixed":
-        work = svc.engine.certify(manifest.id, x, n0=n0, n=n, alpha=alpha, seed=seed)
-        certificate, timing = await until_disconnected(request, work)
+        certificate, timing = await svc.engine.certify(manifest.id, x, n0=n0, n=n, alpha=alpha, seed=seed)
         fields = fixed_fields(certificate, params.radius)
     else:
         if params.radius is None:
             procedure = adaptive_certify(sigma=manifest.sigma, alpha=alpha, n0=n0, n_max=n, tolerance=tolerance)
         else:
             procedure = radius_test(radius=params.radius, sigma=manifest.sigma, alpha=alpha, n0=n0, n_max=n)
-        result, timing = await until_disconnected(
-            request, svc.engine.run_sequential(manifest.id, x, procedure, seed=seed)
-        )
+        result, timing = await svc.engine.run_sequential(manifest.id, x, procedure, seed=seed)
         fields = sequential_fields(result, seed)
     answer = certify_answer(fields, loaded, timing)
     await svc.cache.put(key, answer.model_dump(exclude={"cached", "queued_s", "compute_s"}))

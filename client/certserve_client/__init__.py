@@ -21,7 +21,16 @@ from certserve_client.errors import (
     SignatureError,
     UnsupportedInput,
 )
-from certserve_client.models import Certificate, JobCreated, JobResults, JobRow, JobStatus, ModelInfo, Prediction
+from certserve_client.models import (
+    Certificate,
+    JobCreated,
+    JobResults,
+    JobRow,
+    JobStatus,
+    ModelInfo,
+    Prediction,
+    SigningKey,
+)
 
 __all__ = [
     "AsyncClient",
@@ -45,5 +54,6 @@ __all__ = [
     "ServerBusy",
     "ServerUnavailable",
     "SignatureError",
+    "SigningKey",
     "UnsupportedInput",
 ]

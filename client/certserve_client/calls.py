@@ -17,7 +17,15 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 import httpx
 
 from certserve_client.errors import error_from, retry_after
-from certserve_client.models import Certificate, JobCreated, JobResults, JobStatus, ModelInfo, Prediction
+from certserve_client.models import (
+    Certificate,
+    JobCreated,
+    JobResults,
+    JobStatus,
+    ModelInfo,
+    Prediction,
+    SigningKey,
+)
 
 T = TypeVar("T")
 Priority = Literal["interactive", "batch"]
@@ -204,8 +212,8 @@ def cancel(job_id: str) -> Call[JobStatus]:
     return Call("DELETE", f"/v1/jobs/{job_id}", lambda r: JobStatus.model_validate(r.json()))
 
 
-def signing_key() -> Call[bytes]:
-    return Call("GET", "/v1/signing-key", lambda r: r.content)
+def signing_key() -> Call[SigningKey]:
+    return Call("GET", "/v1/signing-key", lambda r: SigningKey.model_validate(r.json()))
 
 
 def job_id_of(job_or_id: str | JobCreated | JobStatus) -> str:

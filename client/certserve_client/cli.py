@@ -199,7 +199,7 @@ def parser() -> argparse.ArgumentParser:
         ("cancel", run_job_cancel, "cancel a job"),
     ):
         sub = jobs.add_parser(name, help=text, epilog=EXIT_CODES)
-        sub.add_argument("id")
+        sub.add_argument("id", help="the job id (put -- before an id that begins with -)")
         sub.set_defaults(run=run)
         if name == "results":
             sub.add_argument("--format", choices=("json", "tsv"), default="json", help="JSON rows or the paper's TSV")

@@ -24,8 +24,7 @@ from tqdm import tqdm
 from certserve_client import calls
 from certserve_client.calls import Call, CertifyMode, ImageLike, Priority, RetryPolicy, job_id_of
 from certserve_client.errors import ServerUnavailable, SignatureError
-from certserve_client.models import Certificate, JobCreated, JobResults, JobStatus, ModelInfo, Prediction
-from certserve_client.signatures import verify_certificate
+from certserve_client.models import Certificate, JobCreated, JobResults, JobStatus, ModelInfo, Prediction, SigningKey
 
 T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -62,9 +61,15 @@ def _unavailable(error: httpx.TransportError, url: str) -> ServerUnavailable:
     return ServerUnavailable(f"cannot reach {url}: {error or type(error).__name__}")
 
 
-def _checked(certificate: Certificate, public_key_pem: bytes) -> Certificate:
-    if not verify_certificate(certificate, public_key_pem):
-        raise SignatureError("the certificate's signature is missing or does not verify with the server's key")
+def _signed(certificate: Certificate) -> Certificate:
+    if certificate.signature is None:
+        raise SignatureError("the certificate carries no signature (the server has no signing key)")
+    return certificate
+
+
+def _verified(certificate: Certificate, key: SigningKey) -> Certificate:
+    if not certificate.verify(key.public_key_pem):
+        raise SignatureError(f"the certificate's signature does not verify with the server's key {key.key_id}")
     return certificate
 
 
@@ -87,7 +92,7 @@ class Client:
         self.url = url.rstrip("/")
         self.retry = retry or RetryPolicy()
         self._http = httpx.Client(base_url=self.url, headers=_headers(api_key), timeout=timeout, transport=transport)
-        self._public_key: bytes | None = None
+        self._signing_key: SigningKey | None = None
 
     def __enter__(self) -> Self:
         return self
@@ -152,7 +157,7 @@ class Client:
         """CERTIFY: ``mode`` fixed (n estimation samples) or adaptive (at most n); ``radius`` asks for a decision
         at that radius (``certified_at_radius``). ``verify`` checks the server's signature (SignatureError)."""
         certificate = self.send(calls.certify(**_args(locals(), "verify")))
-        return _checked(certificate, self.signing_key()) if verify else certificate
+        return _verified(_signed(certificate), self.signing_key()) if verify else certificate
 
     def models(self) -> list[ModelInfo]:
         return self.send(calls.models())
@@ -210,11 +215,11 @@ class Client:
         """Cancel the job (finished images keep their rows); ``cancelled`` says whether this call stopped it."""
         return self.send(calls.cancel(job_id_of(job)))
 
-    def signing_key(self) -> bytes:
-        """The server's Ed25519 public key (PEM) that certificate signatures verify with; fetched once."""
-        if self._public_key is None:
-            self._public_key = self.send(calls.signing_key())
-        return self._public_key
+    def signing_key(self) -> SigningKey:
+        """The server's Ed25519 public key that certificate signatures verify with (fetched once; 404 if none)."""
+        if self._signing_key is None:
+            self._signing_key = self.send(calls.signing_key())
+        return self._signing_key
 
 
 class AsyncClient:
@@ -234,7 +239,7 @@ class AsyncClient:
         self._http = httpx.AsyncClient(
             base_url=self.url, headers=_headers(api_key), timeout=timeout, transport=transport
         )
-        self._public_key: bytes | None = None
+        self._signing_key: SigningKey | None = None
 
     async def __aenter__(self) -> Self:
         return self
@@ -296,7 +301,7 @@ class AsyncClient:
         verify: bool = False,
     ) -> Certificate:
         certificate = await self.send(calls.certify(**_args(locals(), "verify")))
-        return _checked(certificate, await self.signing_key()) if verify else certificate
+        return _verified(_signed(certificate), await self.signing_key()) if verify else certificate
 
     async def models(self) -> list[ModelInfo]:
         return await self.send(calls.models())
@@ -348,10 +353,10 @@ class AsyncClient:
     async def cancel(self, job: JobRef) -> JobStatus:
         return await self.send(calls.cancel(job_id_of(job)))
 
-    async def signing_key(self) -> bytes:
-        if self._public_key is None:
-            self._public_key = await self.send(calls.signing_key())
-        return self._public_key
+    async def signing_key(self) -> SigningKey:
+        if self._signing_key is None:
+            self._signing_key = await self.send(calls.signing_key())
+        return self._signing_key
 
 
 def _args(scope: dict[str, Any], *drop: str) -> dict[str, Any]:

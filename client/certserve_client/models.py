@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from certserve_client.signatures import verify_answer
 
 JOB_FINAL_STATES = ("done", "cancelled", "failed")
 
@@ -29,6 +31,11 @@ class Answer(ServerModel):
     alpha: float
     sigma: float
     seed: int | None = None
+    seed_source: Literal["server", "client"] | str | None = None
+    manifest_digest: str | None = None
+    precision: str | None = None
+    procedure: str | None = None
+    input_digest: str | None = None
     cached: bool = False
     queued_s: float = 0.0
     compute_s: float = 0.0
@@ -71,7 +78,12 @@ class Certificate(Answer):
     target_radius: float | None = None
     certified_at_radius: bool | None = None
     max_certifiable_radius: float | None = None
-    signature: str | None = None
+    signed_at: str | None = None
+    signature: str | None = Field(None, description="base64 Ed25519 signature; None when the server signs nothing")
+
+    def verify(self, public_key_pem: bytes | str) -> bool:
+        """Whether the server's ``signature`` covers this certificate as it arrived (needs ``cryptography``)."""
+        return verify_answer(self._raw, public_key_pem)
 
     @property
     def certified(self) -> bool:
@@ -93,6 +105,14 @@ class ModelInfo(ServerModel):
     batch_size: int
     samples_per_second: float
     precision: str
+
+
+class SigningKey(ServerModel):
+    """GET /v1/signing-key: the public key certificates are signed with."""
+
+    algorithm: str
+    key_id: str
+    public_key_pem: str
 
 
 class JobCreated(ServerModel):

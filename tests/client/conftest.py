@@ -1,7 +1,7 @@
 """The client's tests run it against the real server: ``python -m service`` in a subprocess, serving the
 tiny model of the service tests, with its jobs and certificates in the real Redis (database 6).
 
-Servers: ``server`` (API keys configured, default limits), ``tight_server`` (a small queue bound, to
+Servers: ``server`` (API keys and a signing key configured, default limits), ``tight_server`` (a small queue bound, to
 meet 503) and ``deadline_server`` (a short request deadline, to meet 504).
 """
 
@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 from live_server import live_server
+
+from service.signing import new_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))  # the service tests' tiny model
 from tiny_model import save_tiny_registry, save_tuning_answer  # noqa: E402
@@ -42,11 +44,22 @@ def redis_db() -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="session")
+def signing_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("signing") / "signing.pem"
+    new_key(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def server(
-    registry_env: dict[str, str], redis_db: redis.Redis, tmp_path_factory: pytest.TempPathFactory
+    registry_env: dict[str, str],
+    redis_db: redis.Redis,
+    signing_key_file: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     env = {
         **registry_env,
+        "CERTSERVE_SIGNING_KEY_FILE": str(signing_key_file),
         "CERTSERVE_REDIS_URL": REDIS_URL,
         "CERTSERVE_API_KEYS": f'["{API_KEY}", "{OTHER_KEY}"]',
         "CERTSERVE_MAX_BODY_BYTES": "200000",

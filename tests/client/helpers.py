@@ -16,6 +16,11 @@ def gray() -> np.ndarray:
     return np.full((28, 28), 128, dtype=np.uint8)
 
 
+def near_gray() -> np.ndarray:
+    """Mid-gray with a fresh ±2 speckle: certifies like gray, and no earlier test cached its certificate."""
+    return (128 + np.random.default_rng().integers(-2, 3, (28, 28))).astype(np.uint8)
+
+
 def black() -> np.ndarray:
     """All black: a near-tie between two classes under noise (PREDICT abstains at n = 256)."""
     return np.zeros((28, 28), dtype=np.uint8)

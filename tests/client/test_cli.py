@@ -31,7 +31,7 @@ def run(server: str, *argv: str) -> int:
 
 
 def test_certify_and_predict_exit_statuses(server: str, files: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
-    assert run(server, "certify", str(files["gray"]), "--n0", "64", "--n", "400", "--seed", "1") == cli.EXIT_OK
+    assert run(server, "certify", str(files["gray"]), "--n0", "64", "--n", "400", "--verify") == cli.EXIT_OK
     assert capsys.readouterr().out.startswith("certified: label 0 (t-shirt), radius ")
     status = run(server, "certify", str(files["gray"]), "--n", "400", "--radius", "5")
     assert status == cli.EXIT_NOT_CERTIFIED and "not certified at radius 5" in capsys.readouterr().out
@@ -57,14 +57,15 @@ def test_a_job_submitted_waited_for_and_read_as_tsv(
     out, err = capsys.readouterr()
     assert status == cli.EXIT_OK and ": done, 3/3 images" in out and "3/3" in err  # tqdm's bar on stderr
     job_id = out.split()[1].rstrip(":")
-    assert run(server, "job", "results", job_id, "--format", "tsv") == cli.EXIT_OK
+    # Job ids are URL-safe base64 and may begin with "-": "--" ends the options.
+    assert run(server, "job", "results", "--format", "tsv", "--", job_id) == cli.EXIT_OK
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and len(lines) == 4
-    assert run(server, "job", "status", job_id) == cli.EXIT_OK and "done" in capsys.readouterr().out
+    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime\tsamples" and len(lines) == 4
+    assert run(server, "job", "status", "--", job_id) == cli.EXIT_OK and "done" in capsys.readouterr().out
     assert run(server, "job", "submit", str(files["zip"]), "--n", "100000") == cli.EXIT_OK
     running = capsys.readouterr().out.strip()
-    assert run(server, "job", "cancel", running) == cli.EXIT_OK and "cancelled" in capsys.readouterr().out
-    assert run(server, "job", "wait", running, "--no-progress") == cli.EXIT_JOB_UNFINISHED
+    assert run(server, "job", "cancel", "--", running) == cli.EXIT_OK and "cancelled" in capsys.readouterr().out
+    assert run(server, "job", "wait", "--no-progress", "--", running) == cli.EXIT_JOB_UNFINISHED
 
 
 def test_errors_exit_statuses(server: str, files: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
@@ -79,6 +80,13 @@ def test_errors_exit_statuses(server: str, files: dict[str, Path], capsys: pytes
     with pytest.raises(SystemExit) as usage:
         run(server, "certify")  # no image
     assert usage.value.code == cli.EXIT_USAGE
+
+
+def test_an_unsigned_certificate_exits_bad_signature(
+    tight_server: str, files: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    status = cli.main(["--url", tight_server, "certify", str(files["gray"]), "--n0", "32", "--n", "64", "--verify"])
+    assert status == cli.EXIT_BAD_SIGNATURE and "no signature" in capsys.readouterr().err
 
 
 def test_server_busy_exits_unavailable(

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import API_KEY, OTHER_KEY, TIGHT_PENDING_SAMPLES
-from helpers import RecordingTransport, black, gray, images_zip, png, wait_for_pending, wait_until_idle
+from helpers import RecordingTransport, black, gray, images_zip, near_gray, png, wait_for_pending, wait_until_idle
 from live_server import free_port
 
 from certserve_client import (
@@ -25,8 +25,12 @@ from certserve_client import (
     RetryPolicy,
     ServerBusy,
     ServerUnavailable,
+    SignatureError,
     UnsupportedInput,
 )
+from certserve_client.signatures import SIGNATURE_SCHEME, canonical_payload
+from service.signing import canonical_payload as server_payload
+from service.signing import verify as server_verify
 
 pytestmark = pytest.mark.slow  # every test talks to a server process
 
@@ -63,15 +67,17 @@ def test_predict_abstention_is_typed(client: Client) -> None:
 
 
 def test_certify_every_mode(client: Client) -> None:
-    image = png(gray())
-    fixed = client.certify(image, n0=64, n=400, seed=1)
+    image = png(near_gray())
+    fixed = client.certify(image, n0=64, n=400)
     assert isinstance(fixed, Certificate) and fixed.mode == "fixed" and fixed.samples == 464
     assert fixed.certified and fixed.radius > 0 and fixed.certified_at_radius is None and not fixed.cached
-    assert sum(fixed.estimation_counts) == 400 and sum(fixed.selection_counts) == 64
-    again = client.certify(image, n0=64, n=400, seed=2)  # the cache answers, with the original's samples
-    assert again.cached and again.estimation_counts == fixed.estimation_counts and again.seed == 1
+    assert sum(fixed.estimation_counts) == 400 and sum(fixed.selection_counts) == 64 and fixed.seed_source == "server"
+    again = client.certify(image, n0=64, n=400)  # the cache answers, with the original's samples
+    assert again.cached and again.estimation_counts == fixed.estimation_counts and again.seed == fixed.seed
+    seeded = client.certify(image, n0=64, n=400, seed=2)  # a client's seed: computed afresh, never shared
+    assert not seeded.cached and seeded.seed == 2 and seeded.seed_source == "client"
 
-    decided = client.certify(image, n0=64, n=400, radius=5.0, seed=3)  # far beyond what 400 samples can certify
+    decided = client.certify(image, n0=64, n=400, radius=5.0)  # far beyond what 400 samples can certify
     assert decided.target_radius == 5.0 and decided.certified_at_radius is False and not decided.certified
 
     adaptive = client.certify(image, mode="adaptive", n0=64, n=1600, tolerance=0.05, seed=4)
@@ -81,6 +87,26 @@ def test_certify_every_mode(client: Client) -> None:
     small = client.certify(image, mode="adaptive", radius=0.01, n=3200, seed=5)
     assert small.certified_at_radius is True and small.certified and small.max_certifiable_radius > 0.01
     assert small.samples < 100 + 3200  # decided before the last look
+
+
+def test_signed_certificates_verify(client: Client) -> None:
+    key = client.signing_key()
+    assert key.algorithm == SIGNATURE_SCHEME and "BEGIN PUBLIC KEY" in key.public_key_pem
+    for mode, radius in (("fixed", None), ("fixed", 0.1), ("adaptive", 0.01), ("adaptive", None)):
+        certificate = client.certify(png(gray()), mode=mode, radius=radius, n0=32, n=800, verify=True)
+        assert certificate.signature and certificate.verify(key.public_key_pem)
+        # The client builds the very bytes the server signed, and agrees with the server's own check.
+        assert canonical_payload(certificate.raw) == server_payload(certificate.raw)
+        assert server_verify(certificate.raw, key.public_key_pem.encode())
+    tampered = Certificate.from_json({**certificate.raw, "radius": certificate.radius + 0.1})
+    assert not tampered.verify(key.public_key_pem) and not server_verify(tampered.raw, key.public_key_pem)
+
+
+def test_an_unsigned_certificate_fails_verification(tight_server: str) -> None:
+    with Client(tight_server) as unsigned, pytest.raises(SignatureError, match="no signature"):
+        unsigned.certify(png(gray()), n0=32, n=64, verify=True)
+    with Client(tight_server) as unsigned, pytest.raises(NotFound, match="does not sign"):
+        unsigned.signing_key()
 
 
 def test_answers_keep_fields_the_client_does_not_know(client: Client) -> None:
@@ -142,7 +168,7 @@ def test_a_job_from_submit_to_results(client: Client, capsys: pytest.CaptureFixt
     assert rows.state == "done" and [r.idx for r in rows.results] == [0, 1, 2]
     assert all(r.radius >= 0 and r.abstained == (r.predict is None) for r in rows.results)
     tsv = client.results(created.id, "tsv").splitlines()
-    assert tsv[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"] and len(tsv) == 4
+    assert tsv[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time", "samples"] and len(tsv) == 4
     assert client.cancel(created).cancelled is False  # finished: nothing to cancel
     assert client.job(created.id).state == "done"
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import redis
 import torch
-from live_server import live_server
+from live_server import running_server
 from payloads import encode_image
 from tiny_model import TINY_CLASSES, TINY_ID, TINY_SIGMA
 
@@ -52,9 +52,11 @@ def server(
         "CERTSERVE_MODEL_DIR": str(tiny_registry),
         "CERTSERVE_TUNING_CACHE": str(tuning_cache),
         "CERTSERVE_REDIS_URL": REDIS_URL,
+        "CERTSERVE_DEVICE": "cpu",
+        "CERTSERVE_PRECISION": "float32",
         "CERTSERVE_BATCH_DELAY_MS": "5",
     }
-    with live_server(env, tmp_path_factory.mktemp("server") / "server.log") as base:
+    with running_server(env, tmp_path_factory.mktemp("server") / "server.log") as base:
         yield base
 
 

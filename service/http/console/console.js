@@ -257,8 +257,9 @@ function drawImages() {
   const { out, shownNorm } = perturb(data, radius);
   paint($("image-perturbed"), out, shape);
   caption.textContent = radius > 0
-    ? `plus a random perturbation δ of ‖δ‖₂ = ${fmt(radius, 4)} (the certified radius): the label cannot change `
-      + `anywhere within it. Clipping to [0, 1] for display shrinks the shown one to ${fmt(shownNorm, 4)}.`
+    ? `plus a random perturbation δ with ‖δ‖₂ = ${fmt(radius, 4)}, the certified radius: with probability ≥ 1 − α `
+      + `the smoothed classifier gives the same class to every input closer than that. Pixels are clipped to [0, 1] `
+      + `for display, which may shrink it: the one shown has ‖δ‖₂ = ${fmt(shownNorm, 4)}.`
     : "no radius is certified: there is no perturbation to show";
 }
 
@@ -285,11 +286,21 @@ function drawCounts(counts, classes, winner) {
     context.fillRect(x + slot * 0.15, pad.top + plotHeight - barHeight, slot * 0.7, barHeight);
     context.fillStyle = "#1b1f24";
     context.fillText(String(count), x + slot / 2, pad.top + plotHeight - barHeight - 4);
-    const name = classes[i].length > 9 && slot < 60 ? `${classes[i].slice(0, 7)}…` : classes[i];
     context.fillText(String(i), x + slot / 2, height - pad.bottom + 14);
-    context.fillText(name, x + slot / 2, height - pad.bottom + 28);
+    const name = fitted(context, classes[i], slot - 4);
+    if (name) context.fillText(name, x + slot / 2, height - pad.bottom + 28);
   });
   canvas.setAttribute("aria-label", `estimation counts: ${counts.map((c, i) => `${classes[i]} ${c}`).join(", ")}`);
+}
+
+// ``text`` shortened with an ellipsis to fit ``width`` pixels; "" when not even one letter fits.
+function fitted(context, text, width) {
+  if (context.measureText(text).width <= width) return text;
+  for (let keep = text.length - 1; keep >= 1; keep--) {
+    const short = `${text.slice(0, keep)}…`;
+    if (context.measureText(short).width <= width) return short;
+  }
+  return "";
 }
 
 function showRadiusVerdict() {
@@ -424,10 +435,11 @@ async function listJobs() {
   const tbody = $("jobs-table").tBodies[0];
   tbody.replaceChildren(...jobs.map((job) => {
     const row = document.createElement("tr");
-    const created = new Date(job.created).toLocaleString();
+    const created = new Date(job.created).toLocaleString([], { dateStyle: "short", timeStyle: "short" });
     for (const text of [created, job.model_id, job.state, `${job.done} / ${job.total}`]) {
       row.insertCell().textContent = text;
     }
+    row.cells[1].className = "wide-only"; // the model column gives way at a phone's width
     const actions = row.insertCell();
     const show = document.createElement("button");
     show.type = "button";

@@ -61,11 +61,9 @@ async function api(path, options = {}) {
   return response;
 }
 
-function showMessage(text, kind = "error") {
-  const box = $("message");
-  box.textContent = text;
-  box.className = kind === "info" ? "info" : "";
-  box.hidden = false;
+function showMessage(text) {
+  $("message-text").textContent = text;
+  $("message").hidden = false;
 }
 
 function clearMessage() { $("message").hidden = true; }
@@ -493,6 +491,7 @@ function start() {
     $("api-key").value = "";
     $("key-state").textContent = "Key forgotten.";
   });
+  $("message-close").addEventListener("click", clearMessage);
   $("model").addEventListener("change", showModel);
   for (const name of ["n", "alpha"]) $(name).addEventListener("change", () => guarded(null, loadModels));
   $("settings-form").addEventListener("submit", (e) => e.preventDefault());

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import redis
-from live_server import live_server
 
 from service.signing import new_key
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))  # the service tests' tiny model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))  # the service tests' helpers
+from live_server import running_server  # noqa: E402
 from tiny_model import save_tiny_registry, save_tuning_answer  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/6"
@@ -29,9 +29,15 @@ SHORT_TIMEOUT_S = 0.3
 
 @pytest.fixture(scope="session")
 def registry_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Settings serving the tiny model on the CPU in float32."""
     registry = save_tiny_registry(tmp_path_factory.mktemp("registry"))
     tuning = save_tuning_answer(registry, tmp_path_factory.mktemp("tuning") / "tuning.json")
-    return {"CERTSERVE_MODEL_DIR": str(registry), "CERTSERVE_TUNING_CACHE": str(tuning)}
+    return {
+        "CERTSERVE_MODEL_DIR": str(registry),
+        "CERTSERVE_TUNING_CACHE": str(tuning),
+        "CERTSERVE_DEVICE": "cpu",
+        "CERTSERVE_PRECISION": "float32",
+    }
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +71,7 @@ def server(
         "CERTSERVE_MAX_BODY_BYTES": "200000",
         "CERTSERVE_BATCH_DELAY_MS": "5",
     }
-    with live_server(env, tmp_path_factory.mktemp("server") / "server.log") as base:
+    with running_server(env, tmp_path_factory.mktemp("server") / "server.log") as base:
         yield base
 
 
@@ -79,7 +85,7 @@ def service_without_redis(registry_env: dict[str, str], folder: Path, **settings
 def tight_server(registry_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("tight")
     env = service_without_redis(registry_env, folder, max_pending_samples=str(TIGHT_PENDING_SAMPLES))
-    with live_server(env, folder / "server.log") as base:
+    with running_server(env, folder / "server.log") as base:
         yield base
 
 
@@ -87,5 +93,5 @@ def tight_server(registry_env: dict[str, str], tmp_path_factory: pytest.TempPath
 def deadline_server(registry_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("deadline")
     env = service_without_redis(registry_env, folder, request_timeout_s=str(SHORT_TIMEOUT_S))
-    with live_server(env, folder / "server.log") as base:
+    with running_server(env, folder / "server.log") as base:
         yield base

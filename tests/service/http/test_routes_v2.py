@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from live_server import live_server
+from live_server import running_server
 from payloads import encode_image
 from tiny_model import TINY_CLASSES, TINY_ID, TINY_SHAPE
 from tritonclient.utils import InferenceServerException
@@ -28,8 +28,10 @@ def server(tiny_registry: Path, tuning_cache: Path, tmp_path_factory: pytest.Tem
         "CERTSERVE_MODEL_DIR": str(tiny_registry),
         "CERTSERVE_TUNING_CACHE": str(tuning_cache),
         "CERTSERVE_JOB_DB": str(folder / "jobs.sqlite3"),
+        "CERTSERVE_DEVICE": "cpu",
+        "CERTSERVE_PRECISION": "float32",
     }
-    with live_server(env, folder / "server.log") as base:
+    with running_server(env, folder / "server.log") as base:
         yield base
 
 

@@ -1,4 +1,4 @@
-"""The real server in a subprocess (``python -m service`` under uvicorn), for end-to-end tests of any client."""
+"""The real server for end-to-end tests: ``python -m service`` (uvicorn) in a subprocess on a free port."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -38,14 +38,13 @@ def wait_until_ready(base: str, process: subprocess.Popen, log_path: Path, timeo
 
 
 @contextmanager
-def live_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """The base URL of a server started with ``env`` (CERTSERVE_* settings) on a free port.
+def running_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """The base URL of a server started with ``env`` (CERTSERVE_* settings) added to this process's environment.
 
-    On exit it must shut down cleanly on SIGTERM, with no traceback in its log.
+    On exit it is sent SIGTERM and must shut down cleanly within 20 s, with no traceback in its log.
     """
     port = free_port()
-    full_env = {**os.environ, "CERTSERVE_DEVICE": "cpu", "CERTSERVE_PRECISION": "float32", **env}
-    full_env["CERTSERVE_PORT"] = str(port)
+    full_env = {**os.environ, **env, "CERTSERVE_PORT": str(port)}
     with log_path.open("w") as log:
         process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full_env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"

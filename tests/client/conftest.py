@@ -17,14 +17,11 @@ import redis
 from service.signing import new_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))  # the service tests' helpers
+from client_helpers import API_KEY, OTHER_KEY, SHORT_TIMEOUT_S, TIGHT_PENDING_SAMPLES  # noqa: E402
 from live_server import running_server  # noqa: E402
 from tiny_model import save_tiny_registry, save_tuning_answer  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/6"
-API_KEY = "client-test-key"
-OTHER_KEY = "client-test-other-key"
-TIGHT_PENDING_SAMPLES = 4_000
-SHORT_TIMEOUT_S = 0.3
 
 
 @pytest.fixture(scope="session")

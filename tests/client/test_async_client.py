@@ -6,8 +6,7 @@ import asyncio
 
 import httpx
 import pytest
-from conftest import API_KEY
-from helpers import black, gray, images_zip, png
+from client_helpers import API_KEY, black, gray, images_zip, png
 
 from certserve_client import AsyncClient, InvalidRequest, NotFound, RetryPolicy, ServerBusy
 

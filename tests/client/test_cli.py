@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY
-from helpers import black, gray, images_zip, png
+from client_helpers import API_KEY, black, gray, images_zip, png
 from live_server import free_port
 
 from certserve_client import cli

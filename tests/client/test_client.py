@@ -8,8 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import API_KEY, OTHER_KEY, TIGHT_PENDING_SAMPLES
-from helpers import RecordingTransport, black, gray, images_zip, near_gray, png, wait_for_pending, wait_until_idle
+from client_helpers import (
+    API_KEY,
+    OTHER_KEY,
+    TIGHT_PENDING_SAMPLES,
+    RecordingTransport,
+    black,
+    gray,
+    images_zip,
+    near_gray,
+    png,
+    wait_for_pending,
+    wait_until_idle,
+)
 from live_server import free_port
 
 from certserve_client import (

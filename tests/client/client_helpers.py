@@ -10,6 +10,11 @@ import httpx
 import numpy as np
 from payloads import encode_image
 
+API_KEY = "client-test-key"
+OTHER_KEY = "client-test-other-key"
+TIGHT_PENDING_SAMPLES = 4_000  # the tight server's queue bound
+SHORT_TIMEOUT_S = 0.3  # the deadline server's request deadline
+
 
 def gray() -> np.ndarray:
     """Mid-gray: the tiny model's noisy counts favour class 0 (certifies at small radii)."""

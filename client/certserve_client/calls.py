@@ -185,15 +185,26 @@ def submit_job(
     n: int | None = None,
     alpha: float | None = None,
     seed: int | None = None,
+    mode: CertifyMode | None = None,
+    radius: float | None = None,
+    tolerance: float | None = None,
 ) -> Call[JobCreated]:
     """``images``: a .zip/.tar(.gz) of images or an .npz, as a path or bytes (then give ``filename``)."""
     if isinstance(images, bytes | bytearray):
         name, data = filename or "images.zip", bytes(images)
     else:
         name, data = Path(images).name, Path(images).read_bytes()
-    fields = _form({"model": model, "n0": n0, "n": n, "alpha": alpha, "seed": seed})
+    fields = _form(
+        {"model": model, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "mode": mode, "radius": radius}
+        | {"tolerance": tolerance}
+    )
     files = {"file": (name, data, "application/octet-stream")}
     return Call("POST", "/v1/jobs", lambda r: JobCreated.model_validate(r.json()), data=fields, files=files)
+
+
+def jobs(limit: int | None = None) -> Call[list[JobStatus]]:
+    params = None if limit is None else {"limit": limit}
+    return Call("GET", "/v1/jobs", lambda r: [JobStatus.model_validate(j) for j in r.json()["jobs"]], params=params)
 
 
 def job(job_id: str) -> Call[JobStatus]:

@@ -113,7 +113,17 @@ def finished_status(client: Client, job_id: str, args: argparse.Namespace) -> in
 
 
 def run_job_submit(client: Client, args: argparse.Namespace) -> int:
-    created = client.submit_job(args.file, model=args.model, n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed)
+    created = client.submit_job(
+        args.file,
+        model=args.model,
+        n0=args.n0,
+        n=args.n,
+        alpha=args.alpha,
+        seed=args.seed,
+        mode=args.mode,
+        radius=args.radius,
+        tolerance=args.tolerance,
+    )
     if not args.wait:
         emit(created, args.json, created.id)
         return EXIT_OK
@@ -154,6 +164,12 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0: bool) -> None:
     parser.add_argument("--seed", type=int, help="noise seed (default: the server draws one)")
 
 
+def add_mode_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=("fixed", "adaptive"), help="fixed n (default) or adaptive (at most n)")
+    parser.add_argument("--radius", type=float, help="decide whether it is certified at this ℓ2 radius")
+    parser.add_argument("--tolerance", type=float, help="adaptive: stop once the radius cannot grow by more")
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(
         prog="certserve-client",
@@ -176,9 +192,7 @@ def parser() -> argparse.ArgumentParser:
     certify = commands.add_parser("certify", help="CERTIFY: a label with a certified ℓ2 radius", epilog=EXIT_CODES)
     certify.add_argument("image", help="an image file (PNG, JPEG, ...)")
     add_sampling_options(certify, n0=True)
-    certify.add_argument("--mode", choices=("fixed", "adaptive"), help="fixed n (default) or adaptive (at most n)")
-    certify.add_argument("--radius", type=float, help="decide whether it is certified at this ℓ2 radius")
-    certify.add_argument("--tolerance", type=float, help="adaptive: stop once the radius cannot grow by more")
+    add_mode_options(certify)
     certify.add_argument("--resize", action="store_true", help="resample to the model's height/width")
     certify.add_argument("--verify", action="store_true", help="check the server's signature on the certificate")
     certify.set_defaults(run=run_certify)
@@ -191,6 +205,7 @@ def parser() -> argparse.ArgumentParser:
     submit = jobs.add_parser("submit", help="certify a .zip/.tar of images or an .npz", epilog=EXIT_CODES)
     submit.add_argument("file")
     add_sampling_options(submit, n0=True)
+    add_mode_options(submit)
     submit.add_argument("--wait", action="store_true", help="wait for the job (progress bar on stderr)")
     for name, run, text in (
         ("status", run_job_status, "a job's state and progress"),

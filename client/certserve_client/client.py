@@ -175,9 +175,17 @@ class Client:
         n: int | None = None,
         alpha: float | None = None,
         seed: int | None = None,
+        mode: CertifyMode | None = None,
+        radius: float | None = None,
+        tolerance: float | None = None,
     ) -> JobCreated:
-        """Start certifying every image of a .zip/.tar(.gz) of images or an .npz (path, or bytes + ``filename``)."""
+        """Start certifying every image of a .zip/.tar(.gz) of images or an .npz (path, or bytes + ``filename``),
+        each as ``certify`` would with the same parameters."""
         return self.send(calls.submit_job(**_args(locals())))
+
+    def jobs(self, limit: int | None = None) -> list[JobStatus]:
+        """The caller's recent jobs, newest first."""
+        return self.send(calls.jobs(limit))
 
     def job(self, job: JobRef) -> JobStatus:
         return self.send(calls.job(job_id_of(job)))
@@ -319,8 +327,14 @@ class AsyncClient:
         n: int | None = None,
         alpha: float | None = None,
         seed: int | None = None,
+        mode: CertifyMode | None = None,
+        radius: float | None = None,
+        tolerance: float | None = None,
     ) -> JobCreated:
         return await self.send(calls.submit_job(**_args(locals())))
+
+    async def jobs(self, limit: int | None = None) -> list[JobStatus]:
+        return await self.send(calls.jobs(limit))
 
     async def job(self, job: JobRef) -> JobStatus:
         return await self.send(calls.job(job_id_of(job)))

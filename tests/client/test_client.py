@@ -181,7 +181,15 @@ def test_a_job_from_submit_to_results(client: Client, capsys: pytest.CaptureFixt
     tsv = client.results(created.id, "tsv").splitlines()
     assert tsv[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time", "samples"] and len(tsv) == 4
     assert client.cancel(created).cancelled is False  # finished: nothing to cancel
-    assert client.job(created.id).state == "done"
+    assert client.job(created.id).state == "done" and created.id in [j.id for j in client.jobs()]
+
+
+def test_a_job_of_radius_decisions(client: Client) -> None:
+    created = client.submit_job(images_zip(2), mode="adaptive", radius=0.01, n=3200)
+    assert client.wait(created, timeout=120).state == "done"
+    rows = client.results(created).results
+    assert [row.certified_at_radius for row in rows] == [True, True]  # a field the client models as extra
+    assert all(row.samples < 100 + 3200 for row in rows)
 
 
 def test_cancel_a_running_job(client: Client, server: str) -> None:

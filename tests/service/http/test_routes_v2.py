@@ -15,6 +15,8 @@ from payloads import encode_image
 from tiny_model import TINY_CLASSES, TINY_ID, TINY_SHAPE
 from tritonclient.utils import InferenceServerException
 
+from service.signing import new_key, verify
+
 pytestmark = pytest.mark.slow  # a server process
 
 GRAY = np.full(TINY_SHAPE, 128 / 255, dtype=np.float32)  # exactly what a PNG of gray 128 decodes to
@@ -24,7 +26,9 @@ BLACK = np.zeros(TINY_SHAPE, dtype=np.float32)
 @pytest.fixture(scope="module")
 def server(tiny_registry: Path, tuning_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("v2")
+    new_key(folder / "signing.pem")
     env = {
+        "CERTSERVE_SIGNING_KEY_FILE": str(folder / "signing.pem"),
         "CERTSERVE_MODEL_DIR": str(tiny_registry),
         "CERTSERVE_TUNING_CACHE": str(tuning_cache),
         "CERTSERVE_JOB_DB": str(folder / "jobs.sqlite3"),
@@ -73,6 +77,8 @@ def test_certify_with_binary_tensors_shares_the_v1_cache(client: triton.Inferenc
     (answer,) = [json.loads(a) for a in result.as_numpy("answer")]
     assert answer["radius"] == radius[0] and answer["estimation_counts"] == counts[0].tolist()
     assert answer["mode"] == "fixed" and answer["seed_source"] == "server" and not answer["cached"]
+    public_key = httpx.get(f"{server}/v1/signing-key").json()["public_key_pem"]
+    assert verify(answer, public_key)  # a /v2 certificate is signed like a /v1 one
     # The same question over /v1 (a PNG of the same pixels) is answered from the same cache.
     png = encode_image(np.full(TINY_SHAPE[1:], 128, dtype=np.uint8))
     v1 = httpx.post(f"{server}/v1/certify", files={"file": ("g.png", png)}, data={"n0": 64, "n": 401}, timeout=60)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
-SAMPLE_EFFICIENCY = Path(__file__).resolve().parent / "results" / "sample-efficiency" / "report.md"  # issue 5
+SAMPLE_EFFICIENCY = Path(__file__).resolve().parents[1] / "results" / "sample-efficiency" / "report.md"
 
 
 def num(value: float | None, digits: int = 0) -> str:
@@ -348,7 +348,7 @@ def render(runs: list[dict[str, Any]]) -> str:
             lines += ["", f"### {title}", "", *section(r)]
     if FINDINGS.exists():
         lines += ["", "## Where the time goes", "", FINDINGS.read_text().strip()]
-    if SAMPLE_EFFICIENCY.exists():  # written by python -m bench.sample_efficiency
+    if SAMPLE_EFFICIENCY.exists():  # written by python -m training.studies.sample_efficiency
         lines += ["", SAMPLE_EFFICIENCY.read_text().strip()]
     return "\n".join(lines) + "\n"
 

@@ -2,7 +2,7 @@
 
     certify --model fmnist-resnet-sigma0.25 --skip 100 --max 100 --n 100000 \\
         --out results/fmnist/certify-n100k-sigma0.25.tsv           # the reference, in the background
-    python -m bench.sample_efficiency --models fmnist-resnet-sigma0.25 fmnist-resnet-sigma0.50
+    python -m training.studies.sample_efficiency --models fmnist-resnet-sigma0.25 fmnist-resnet-sigma0.50
 
 For every image of each reference log and every radius r, ``certify_radius`` decides "certified
 at r?" with at most n_max estimation samples; the fixed-n reference says certified at r when it
@@ -275,18 +275,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerances", nargs="+", type=float, default=[DEFAULT_TOLERANCE, 0.05, 0.1])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/sample-efficiency/results.json"))
+    parser.add_argument("--out", type=Path, default=Path("results/sample-efficiency/results.json"))
     parser.add_argument(
         "--report",
         type=Path,
-        default=Path("bench/results/sample-efficiency/report.md"),
-        help="Markdown section; BENCHMARKS.md includes it when python -m bench renders",
+        default=Path("results/sample-efficiency/report.md"),
+        help="Markdown section; BENCHMARKS.md includes it when python -m bench renders (bench/report.py)",
     )
     parser.add_argument("--render-only", action="store_true", help="rewrite --report from --out, measuring nothing")
     args = parser.parse_args(argv)
     if args.render_only:
         recorded = args.out.with_suffix(".command")
-        command = recorded.read_text() if recorded.exists() else "python -m bench.sample_efficiency"
+        command = recorded.read_text() if recorded.exists() else "python -m training.studies.sample_efficiency"
         args.report.write_text(markdown(json.loads(args.out.read_text()), command))
         return
     if args.threads:
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
-    command = "python -m bench.sample_efficiency " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m training.studies.sample_efficiency " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.with_suffix(".command").write_text(command.strip())
     args.report.write_text(markdown(results, command.strip()))
     print(args.report.read_text())

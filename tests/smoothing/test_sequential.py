@@ -11,16 +11,12 @@ import torch
 from scipy.stats import binom, norm
 
 from smoothing.confseq import lower_confidence_sequence
+from smoothing.looks import BOUNDS, chunk_schedule, evidence, look_schedule, max_certifiable_radius
 from smoothing.sequential import (
-    BOUNDS,
     SampleRequest,
     adaptive_certify,
     certify_adaptive,
     certify_radius,
-    chunk_schedule,
-    evidence,
-    look_schedule,
-    max_certifiable_radius,
     radius_test,
     run,
 )

@@ -5,7 +5,7 @@
 For every image of the fixed-n reference logs (results/fmnist/certify-n100k-sigma*.tsv: CERTIFY with n0 = 100,
 n = 100,000, α = 0.001), p_A is taken to be its count_a / n, and the procedures of ``smoothing.sequential`` run
 on binomial draws of that p_A (class 0 plays ĉA, class 1 every other class; no model), once per bound
-(``smoothing.sequential.BOUNDS``):
+(``smoothing.looks.BOUNDS``):
 
 - the radius test at r ∈ {0.25, 0.5, 1.0}: mean and p95 samples per decision, and agreement with the
   reference's decision (certified at r when it did not abstain and its radius is ≥ r);
@@ -31,16 +31,8 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from smoothing.sequential import (
-    BOUNDS,
-    DEFAULT_BOUND,
-    DEFAULT_N_MAX,
-    SampleRequest,
-    adaptive_certify,
-    max_certifiable_radius,
-    radius_test,
-    run,
-)
+from smoothing.looks import BOUNDS, DEFAULT_BOUND, max_certifiable_radius
+from smoothing.sequential import DEFAULT_N_MAX, SampleRequest, adaptive_certify, radius_test, run
 from training.analyze import read_log
 from training.studies.sample_efficiency import ALPHA, N0, certified_accuracy_curve
 

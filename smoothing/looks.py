@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from smoothing import confseq
-from smoothing.statistics import lower_confidence_bound, radius_from_lower_bound
+from smoothing.statistics import certified_radius, check_alpha, lower_confidence_bound
 
 Bound = Literal["confseq", "union", "union_fine"]
 BOUNDS: tuple[str, ...] = get_args(Bound)
@@ -100,8 +100,7 @@ def evidence(
     looks: Sequence[int] | None = None,
 ) -> Evidence:
     """The looks and bound of ``bound``; ``looks`` (cumulative sizes ending at n_max) overrides the schedule."""
-    if not 0.0 < alpha < 0.5:
-        raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
+    check_alpha(alpha)
     if bound not in BOUNDS:
         raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
     if looks is not None:
@@ -120,5 +119,4 @@ def max_certifiable_radius(n_max: int, alpha: float, sigma: float, bound: Bound 
 
     For the union bounds σ·Φ⁻¹((α/K)^(1/n_max)); for the confidence sequence σ·Φ⁻¹(L_{n_max}(n_max)).
     """
-    p_a_lower = evidence(bound, alpha, n_max).lower(n_max, n_max)
-    return radius_from_lower_bound(p_a_lower, sigma) if p_a_lower > 0.5 else 0.0
+    return certified_radius(evidence(bound, alpha, n_max).lower(n_max, n_max), sigma)

@@ -13,9 +13,9 @@ projection (p_A at its upper confidence bound at ``futility_alpha``) could not r
 n_max; the adaptive certificate stops when a milder projection (p_A at its upper bound at
 ``projection_alpha``) would raise the radius by at most the tolerance.
 
-The procedures are written once, as generators that yield ``SampleRequest``s and receive the
-class counts of those samples; ``run`` drives one with a synchronous sampler (the library) and
-the service drives the same generator with its asynchronous scheduler.
+The procedures are written once, as generators in the protocol of ``smoothing.sampling``: they
+yield ``SampleRequest``s and receive the class counts of those samples; ``run`` drives one with a
+synchronous sampler (the library) and the service drives the same generator with its scheduler.
 
 Radii are ℓ2 distances in the [0, 1] pixel space of the model's input, at its resolution.
 """
@@ -23,17 +23,24 @@ Radii are ℓ2 distances in the [0, 1] pixel space of the model's input, at its 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import torch
-from scipy.stats import norm
 from torch import nn
 
 from smoothing.looks import DEFAULT_BOUND, DEFAULT_CHECK_EVERY, DEFAULT_FIRST_LOOK, Bound, evidence
-from smoothing.sampling import ESTIMATION_STAGE, SELECTION_STAGE, new_seed, sample_counts
-from smoothing.statistics import probability_for_radius, upper_confidence_bound
+from smoothing.sampling import (
+    ESTIMATION_STAGE,
+    SELECTION_STAGE,
+    Procedure,
+    SampleRequest,
+    model_sampler,
+    new_seed,
+    run,
+)
+from smoothing.statistics import certified_radius, probability_for_radius, upper_confidence_bound
 
 DEFAULT_N_MAX = 100_000
 # Stopping for futility spends no α (it only answers "not certified"), so its level trades samples for
@@ -47,15 +54,6 @@ DEFAULT_TOLERANCE = 0.02
 # so than the radius test's futility projection (which must not lose agreement with fixed n).
 DEFAULT_PROJECTION_ALPHA = 0.05
 R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class SampleRequest:
-    """Count the base classifier on samples [start, stop) of noise stream ``stage``."""
-
-    stage: int
-    start: int
-    stop: int
 
 
 @dataclass(frozen=True)
@@ -107,10 +105,6 @@ class AdaptiveCertificate:
     bound: str = DEFAULT_BOUND
 
 
-def _radius(p_a_lower: float, sigma: float) -> float:
-    return float(sigma * norm.ppf(p_a_lower)) if p_a_lower > 0.5 else 0.0
-
-
 def _projected_count(count_a: int, n: int, n_max: int, projection_alpha: float) -> int:
     """ĉA's count at n_max if p_A were at its (1 - projection_alpha) upper bound: a plausible best case."""
     return min(n_max, math.ceil(upper_confidence_bound(count_a, n, projection_alpha) * n_max))
@@ -139,9 +133,7 @@ class _Look:
         return int(self.estimation[self.top])
 
 
-def _staged(
-    n0: int, looks: tuple[int, ...], stop: Callable[[_Look], R | None]
-) -> Generator[SampleRequest, torch.Tensor, R]:
+def _staged(n0: int, looks: tuple[int, ...], stop: Callable[[_Look], R | None]) -> Procedure[R]:
     """Selection from n0 samples, then estimation samples up to each look until ``stop`` returns a
     result (every stop rule must return one at the last look, n_max)."""
     selection = yield SampleRequest(SELECTION_STAGE, 0, n0)
@@ -167,7 +159,7 @@ def radius_test(
     bound: Bound = DEFAULT_BOUND,
     check_every: int = DEFAULT_CHECK_EVERY,
     looks: Sequence[int] | None = None,
-) -> Generator[SampleRequest, torch.Tensor, RadiusDecision]:
+) -> Procedure[RadiusDecision]:
     """Decide whether g(x) = ĉA with radius ≥ ``radius``: reject p_A ≤ Φ(r/σ) at level α.
 
     Selection: ĉA from n0 samples. Estimation: after each look of ``bound`` (module doc), certified as
@@ -177,7 +169,7 @@ def radius_test(
     """
     test = evidence(bound, alpha, n_max, first_look=first_look, check_every=check_every, looks=looks)
     threshold = max(0.5, probability_for_radius(radius, sigma))
-    ceiling = _radius(test.lower(n_max, n_max), sigma)
+    ceiling = certified_radius(test.lower(n_max, n_max), sigma)
     common = dict(
         radius=radius, max_certifiable_radius=ceiling, n0=n0, n_max=n_max, alpha=alpha, sigma=sigma, bound=bound
     )
@@ -222,7 +214,7 @@ def adaptive_certify(
     bound: Bound = DEFAULT_BOUND,
     check_every: int = DEFAULT_CHECK_EVERY,
     looks: Sequence[int] | None = None,
-) -> Generator[SampleRequest, torch.Tensor, AdaptiveCertificate]:
+) -> Procedure[AdaptiveCertificate]:
     """CERTIFY with an input-specific sample size.
 
     After each look the radius is σ·Φ⁻¹(p̲A) with p̲A the lower bound of ``bound``; sampling stops once
@@ -237,10 +229,10 @@ def adaptive_certify(
 
     def stop(look: _Look) -> AdaptiveCertificate | None:
         p_a_lower = test.lower(look.count_a, look.n)
-        radius = _radius(p_a_lower, sigma)
+        radius = certified_radius(p_a_lower, sigma)
         if look.n < n_max:
             best = test.lower(_projected_count(look.count_a, look.n, n_max, projection_alpha), n_max)
-            if _radius(best, sigma) - radius > tolerance:
+            if certified_radius(best, sigma) - radius > tolerance:
                 return None
         return AdaptiveCertificate(
             label=look.top if p_a_lower > 0.5 else None,
@@ -260,45 +252,6 @@ def adaptive_certify(
         )
 
     return (yield from _staged(n0, test.looks, stop))
-
-
-def run(procedure: Generator[SampleRequest, torch.Tensor, R], sample: Callable[[SampleRequest], torch.Tensor]) -> R:
-    """Drive a procedure with a synchronous sampler that returns class counts for a request."""
-    try:
-        request = next(procedure)
-        while True:
-            request = procedure.send(sample(request))
-    except StopIteration as finished:
-        return finished.value
-
-
-def model_sampler(
-    model: nn.Module,
-    x: torch.Tensor,
-    *,
-    sigma: float,
-    num_classes: int,
-    batch_size: int,
-    seed: int,
-    channels_last: bool = False,
-) -> Callable[[SampleRequest], torch.Tensor]:
-    """A sampler for ``run`` that counts ``model`` on x + N(0, σ²I) from the seeded noise streams."""
-
-    def sample(request: SampleRequest) -> torch.Tensor:
-        return sample_counts(
-            model,
-            x,
-            request.stop - request.start,
-            sigma=sigma,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            seed=seed,
-            stage=request.stage,
-            start=request.start,
-            channels_last=channels_last,
-        )
-
-    return sample
 
 
 def certify_radius(

@@ -35,6 +35,7 @@ from service.jobs.runner import RESUME_RETRY_S, STORE_ERRORS, JobRunner
 from service.jobs.store import RedisJobStore, SqliteJobStore
 from service.jobs.uploads import UploadError
 from service.settings import Settings
+from service.signing import load_private_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,6 +58,8 @@ async def in_passing_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    # Before the minutes of model loading: a bad key file fails the start at once.
+    signing_key = None if settings.signing_key_file is None else load_private_key(settings.signing_key_file)
     device = pick_device(settings.device)
     # Loading measures each model's best batch size (seconds of forward passes): keep it off the event loop,
     # on a thread that then exits, taking its OpenMP team with it (see service.engine.executor).
@@ -82,7 +85,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = RedisJobStore(settings.redis_url) if settings.redis_url else SqliteJobStore(settings.job_db)
     jobs = JobRunner(store, engine)
     await jobs.start()
-    app.state.services = Services(settings, scheduler, executor, engine, cache, jobs)
+    app.state.services = Services(settings, scheduler, executor, engine, cache, jobs, signing_key)
     log.info("serving %s on %s", ", ".join(models), device)
     try:
         yield

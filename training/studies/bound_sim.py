@@ -156,9 +156,11 @@ def markdown(measured: dict, command: str) -> str:
         f"model; {measured['repeats']} runs per image and radius, {measured['adaptive_repeats']} per image and "
         f"tolerance; α = {ALPHA}, n0 = {N0}, n_max = {DEFAULT_N_MAX:,}; fixed n: CERTIFY with n = "
         f"{DEFAULT_N_MAX:,} on the same {results[0]['images']} images per σ). Bounds: `confseq` = the mixture "
-        "confidence sequence (`smoothing.confseq`) checked after every chunk (128 samples, then 1/16 of the "
-        "samples so far); `union` = Clopper–Pearson at α/11 at doubling looks; `union_fine` = at α/32 at ×1.25 "
-        f"looks. Default: `{DEFAULT_BOUND}`.",
+        "confidence sequence (`smoothing.confseq`) checked after every chunk (32, 64, 128, then every 128, then "
+        "every 1/16 of the samples so far); `union` = Clopper–Pearson at α/11 at doubling looks; `union_fine` = "
+        f"at α/32 at ×1.25 looks. Default: `{DEFAULT_BOUND}`. The first round's model run (one run per image) "
+        "gave `union` 65.0× together and 25.7× in the worst cell where this simulation gives it about 65× and "
+        "36×: a cell's mean hangs on one or two borderline images, so one run per image scatters widely.",
         "",
         "Radius decision, mean / p95 samples per decision and agreement with fixed n:",
         "",
@@ -167,6 +169,7 @@ def markdown(measured: dict, command: str) -> str:
     ]
     totals = {b: 0.0 for b in bounds}
     worst = {b: float("inf") for b in bounds}
+    agreement = {b: 1.0 for b in bounds}
     cells_count = 0
     for res in results:
         for r in res["bounds"][bounds[0]]["cells"]:
@@ -176,6 +179,7 @@ def markdown(measured: dict, command: str) -> str:
                 cell = res["bounds"][b]["cells"][r]
                 totals[b] += cell["mean_samples"]
                 worst[b] = min(worst[b], cell["reduction"])
+                agreement[b] = min(agreement[b], cell["agreement"])
                 row.append(
                     f"{cell['mean_samples']:.0f} / {cell['p95_samples']:.0f} ({cell['reduction']:.1f}×) / "
                     f"{100 * cell['agreement']:.1f}%"
@@ -187,7 +191,22 @@ def markdown(measured: dict, command: str) -> str:
         + "; ".join(
             f"`{b}` {cells_count * FIXED_SAMPLES / totals[b]:.1f}× (worst cell {worst[b]:.1f}×)" for b in bounds
         )
-        + " fewer samples than fixed n (target ≥ 100× together, ≥ 30× in every cell).",
+        + " fewer samples than fixed n (target ≥ 100× together, ≥ 30× in every cell); lowest agreement of a cell "
+        + ", ".join(f"`{b}` {100 * agreement[b]:.1f}%" for b in bounds)
+        + " (target ≥ 99 %). Verdict: "
+        + "; ".join(
+            f"`{b}` "
+            + ("meets" if cells_count * FIXED_SAMPLES / totals[b] >= 100 else "misses")
+            + " 100× together, "
+            + ("meets" if worst[b] >= 30 else "misses")
+            + " 30× per cell, "
+            + ("meets" if agreement[b] >= 0.99 else "misses")
+            + " 99 %"
+            for b in bounds
+        )
+        + ". The means are set by the few images whose p_A sits within a percent of Φ(r/σ): agreeing with fixed "
+        "n on them takes tens of thousands of samples whatever the bound, and one such image at ~80,000 samples "
+        "adds ~800 to its cell's mean.",
         "",
         "Largest radius n_max samples can certify (all samples agree), against fixed-n CERTIFY's at the same n "
         "(target: within 0.01):",
@@ -205,6 +224,11 @@ def markdown(measured: dict, command: str) -> str:
             )
             + " |"
         )
+    lines += [
+        "",
+        "The curve gap (last column below) is largest at the grid point r = 0.95 just under fixed n's ceiling: "
+        "every image on which all samples agree sits at fixed n's 0.953 but at most at each bound's ceiling above.",
+    ]
     lines += [
         "",
         "Adaptive certificate against fixed n: mean / p95 samples (× fewer), loss of average certified radius "
@@ -260,9 +284,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/sample-efficiency/bounds.json"))
     parser.add_argument("--report", type=Path, default=Path("results/sample-efficiency/bounds.md"))
+    parser.add_argument("--render-only", action="store_true", help="rewrite --report from --out, measuring nothing")
     args = parser.parse_args(argv)
+    if args.render_only:
+        measured = json.loads(args.out.read_text())
+        args.report.write_text(markdown(measured, measured["command"]))
+        return
     measured = study(args.fixed_dir, args.sigmas, args.bounds, args.repeats, args.adaptive_repeats, args.seed)
     command = "python -m training.studies.bound_sim " + " ".join(sys.argv[1:] if argv is None else argv)
+    measured["command"] = command.strip()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(measured, indent=1))
     args.report.parent.mkdir(parents=True, exist_ok=True)

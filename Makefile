@@ -7,7 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test test-fast lint dataset install certify-table bench clean
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: run test test-fast lint dataset browser install certify-table bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,12 +27,22 @@ dataset:
 	  fi; \
 	fi
 
+# Debian's Chromium, which the console's browser tests drive through Playwright (which downloads no browser).
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; \
+	  else \
+	    echo "Chromium is missing (the console's browser tests need it): run  sudo apt-get install chromium  and retry"; exit 1; \
+	  fi; \
+	fi
+
 install: $(STAMP) dataset
 
 run: install
 	$(BIN)/python -m service
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -m "" -q
 
 test-fast: install
@@ -44,4 +56,4 @@ bench: install
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache artifacts

@@ -47,9 +47,9 @@ DEFAULT_N_MAX = 100_000
 # agreement with fixed n: simulated on the shipped models' p_A (python -m training.studies.futility_sim), 0.01
 # gave 36x fewer samples than fixed n in the hardest cell (σ = 0.5, r = 0.25) where 0.001 gave 30x,
 # with agreement 99.8-100 % in every cell either way; 0.05 gave more (56x) at 99.2 %. With the confidence
-# sequence (issue 16; same simulation, all six cells, 40 runs per image) 0.01 / 0.02 / 0.03 / 0.05 / 0.2 gave
-# 85x / 90x / 98x / 104x / 170x fewer samples at a lowest cell agreement of 99.3 / 99.2 / 98.9 / 98.6 / 97.3 %:
-# 0.01 stays, the largest level that keeps every cell at ≥ 99 % with a margin.
+# sequence (issue 16; same simulation, prior b = 0.25, all six cells, 40 runs per image), levels 0.01 / 0.02 /
+# 0.03 / 0.05 / 0.2 gave 85x / 90x / 98x / 104x / 170x fewer samples at a lowest cell agreement of 99.3 / 99.2 /
+# 98.9 / 98.6 / 97.3 %: 0.01 stays, the largest level that keeps every cell at ≥ 99 % with a margin.
 DEFAULT_FUTILITY_ALPHA = 0.01
 DEFAULT_TOLERANCE = 0.02
 # The adaptive certificate projects the radius n_max samples would give if p_A were at its (1 - 0.05)

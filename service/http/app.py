@@ -28,6 +28,7 @@ from service.engine.executor import Executor
 from service.engine.models import load_models, pick_device
 from service.engine.scheduler import DeadlineExceeded, QueueFull, Scheduler
 from service.http import routes_health, routes_jobs, routes_models, routes_smoothing
+from service.http.routes_console import add_console
 from service.http.routes_smoothing import ClientDisconnected
 from service.http.schemas import RADIUS_UNITS
 from service.http.state import Services
@@ -236,6 +237,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_models.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_health.router)
+    add_console(app)
     add_error_handlers(app, settings)
     app.add_middleware(BodyLimit, limit_for=body_limit_for(settings))
     return app

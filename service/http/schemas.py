@@ -178,6 +178,15 @@ class CertifyResponse(Answer):
     )
 
 
+class CertifiableRadius(BaseModel):
+    radius: float = Field(
+        description="the largest ℓ2 radius fixed-mode CERTIFY can certify with n estimation samples at level α: "
+        "σ·Φ⁻¹(α^(1/n)), reached when all n samples agree"
+    )
+    n: int = Field(description="estimation samples (the query's n, default CERTSERVE_DEFAULT_N)")
+    alpha: float = Field(description="α (the query's alpha, default CERTSERVE_DEFAULT_ALPHA)")
+
+
 class ModelInfo(BaseModel):
     id: str
     dataset: str
@@ -194,6 +203,7 @@ class ModelInfo(BaseModel):
     )
     samples_per_second: float = Field(description="measured sampling throughput at that batch size")
     precision: str = Field(description="arithmetic of the base classifier: float32, or the autocast dtype")
+    max_certifiable_radius: CertifiableRadius
 
 
 class ModelList(BaseModel):

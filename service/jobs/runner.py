@@ -265,7 +265,14 @@ class JobRunner:
         job = await self.store.get(job_id)
         if not _visible(job, owner):
             return None
-        summary = await self.store.summary(job_id)
+        return await self._status(job)
+
+    async def recent(self, owner: str | None, limit: int = 20) -> list[dict]:
+        """The statuses of the newest ``limit`` jobs that ``owner`` (an API key or None) created, newest first."""
+        return [await self._status(job) for job in await self.store.recent(owner_hash(owner), limit)]
+
+    async def _status(self, job: JobRecord) -> dict:
+        summary = await self.store.summary(job.id)
         eta_s = None
         if job.state == "done":
             eta_s = 0.0

@@ -58,7 +58,14 @@ def label_text(answer: Prediction | Certificate) -> str:
 
 def run_predict(client: Client, args: argparse.Namespace) -> int:
     answer = client.predict(
-        args.image, model=args.model, n=args.n, alpha=args.alpha, seed=args.seed, resize=args.resize
+        args.image,
+        model=args.model,
+        n=args.n,
+        alpha=args.alpha,
+        seed=args.seed,
+        resize=args.resize,
+        priority=args.priority,
+        timeout_s=args.timeout_s,
     )
     if answer.abstained:
         summary = f"abstained (p-value {answer.p_value:.3g} > α = {answer.alpha:g}; counts {answer.counts})"
@@ -80,6 +87,8 @@ def run_certify(client: Client, args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         seed=args.seed,
         resize=args.resize,
+        priority=args.priority,
+        timeout_s=args.timeout_s,
         verify=args.verify,
     )
     facts = f"p_A ≥ {answer.p_a_lower:.4f}, {answer.samples} samples ({answer.mode}), model {answer.model}"
@@ -164,6 +173,12 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, n0: bool) -> None:
     parser.add_argument("--seed", type=int, help="noise seed (default: the server draws one)")
 
 
+def add_control_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resize", action="store_true", help="resample to the model's height/width")
+    parser.add_argument("--priority", choices=("interactive", "batch"), help="batch: queued with the batch jobs")
+    parser.add_argument("--timeout-s", type=float, help="the server's deadline for this request (only shortens it)")
+
+
 def add_mode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("fixed", "adaptive"), help="fixed n (default) or adaptive (at most n)")
     parser.add_argument("--radius", type=float, help="decide whether it is certified at this ℓ2 radius")
@@ -186,14 +201,14 @@ def parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="PREDICT: a label or an abstention", epilog=EXIT_CODES)
     predict.add_argument("image", help="an image file (PNG, JPEG, ...)")
     add_sampling_options(predict, n0=False)
-    predict.add_argument("--resize", action="store_true", help="resample to the model's height/width")
+    add_control_options(predict)
     predict.set_defaults(run=run_predict)
 
     certify = commands.add_parser("certify", help="CERTIFY: a label with a certified ℓ2 radius", epilog=EXIT_CODES)
     certify.add_argument("image", help="an image file (PNG, JPEG, ...)")
     add_sampling_options(certify, n0=True)
     add_mode_options(certify)
-    certify.add_argument("--resize", action="store_true", help="resample to the model's height/width")
+    add_control_options(certify)
     certify.add_argument("--verify", action="store_true", help="check the server's signature on the certificate")
     certify.set_defaults(run=run_certify)
 

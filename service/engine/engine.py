@@ -49,17 +49,25 @@ class Engine:
             raise UnknownModel(model_id) from None
 
     async def run(
-        self, model_id: str, x: torch.Tensor, procedure: Procedure[R], *, seed: int, priority: Priority
+        self,
+        model_id: str,
+        x: torch.Tensor,
+        procedure: Procedure[R],
+        *,
+        seed: int,
+        priority: Priority,
+        timeout_s: float | None = None,
     ) -> tuple[R, Timing]:
         """Drive ``procedure`` on input x (C, H, W in [0, 1]) with the noise streams of ``seed``.
 
         The same seed gives the same samples as ``smoothing.sampling.run`` with ``model_sampler``
-        (the library), whatever else shares the batches. One deadline covers every phase.
+        (the library), whatever else shares the batches. One deadline covers every phase: ``timeout_s``
+        seconds from now, or the engine's timeout if that is shorter (a request may only shorten it).
         """
         loaded = self.model(model_id)
         x = x.to(loaded.device)
         key = stream_key(seed, x)
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s))
         timing = Timing()
         try:
             request = next(procedure)

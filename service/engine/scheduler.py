@@ -41,10 +41,13 @@ class Priority(IntEnum):
 
 
 class QueueFull(Exception):
-    """More samples are pending than the configured bound; retry after ``retry_after_s``."""
+    """More samples of one class are pending than the per-class bound; retry after ``retry_after_s``."""
 
-    def __init__(self, pending: int, limit: int, retry_after_s: int) -> None:
-        super().__init__(f"{pending} noise samples already pending (limit {limit}); retry in {retry_after_s} s")
+    def __init__(self, pending: int, limit: int, retry_after_s: int, priority: Priority) -> None:
+        super().__init__(
+            f"{pending} noise samples of {priority.name.lower()} work already pending (limit {limit} per class); "
+            f"retry in {retry_after_s} s"
+        )
         self.retry_after_s = retry_after_s
 
 
@@ -105,7 +108,9 @@ class Scheduler:
         self.chunk_size = chunk_size
         self.batch_delay_s = batch_delay_s
         self._queues: dict[Priority, deque[WorkItem]] = {p: deque() for p in Priority}
-        self._pending = 0  # samples submitted and not yet counted (or dropped)
+        # Samples submitted and not yet counted (or dropped), per class: each class has its own bound, so that
+        # a flood of batch work cannot make interactive requests wait or be refused.
+        self._pending = {p: 0 for p in Priority}
         self._cond = threading.Condition()
         # Rough service rate for Retry-After, updated by ``complete``.
         self._samples_per_s = 1_000.0
@@ -113,15 +118,16 @@ class Scheduler:
 
     @property
     def pending_samples(self) -> int:
-        return self._pending
+        return sum(self._pending.values())
 
     def submit(self, item: WorkItem) -> Future:
         """Queue ``item``; its future resolves to its counts. Raises QueueFull beyond the bound."""
         with self._cond:
-            if self._pending + item.num > self.max_pending_samples:
-                retry = max(1, round(self._pending / self._samples_per_s))
-                raise QueueFull(self._pending, self.max_pending_samples, retry)
-            self._pending += item.num
+            pending = self._pending[item.priority]
+            if pending + item.num > self.max_pending_samples:
+                retry = max(1, round(self.pending_samples / self._samples_per_s))
+                raise QueueFull(pending, self.max_pending_samples, retry, item.priority)
+            self._pending[item.priority] += item.num
             self._queues[item.priority].append(item)
             if item.priority == Priority.PREDICT:
                 self._interactive_until = time.monotonic() + INTERACTIVE_WINDOW_S
@@ -158,7 +164,7 @@ class Scheduler:
                 # A dropped item released all its samples, in-flight ones included. A cancelled one not yet
                 # dropped still holds them (testing future.done() here leaked a cancelled item's in-flight chunk).
                 if not item.dropped:
-                    self._pending -= chunk.size
+                    self._pending[item.priority] -= chunk.size
                 if item.counted == item.num and not item.dropped:
                     _resolve(item.future, result=item.counts)
             if service_seconds > 0:
@@ -219,7 +225,7 @@ class Scheduler:
         if item in queue:
             queue.remove(item)
             item.dropped = True
-            self._pending -= item.num - item.counted
+            self._pending[item.priority] -= item.num - item.counted
             item.counted = item.num  # nothing more will be counted for it
             item.dispatched = item.num
         if error is not None:

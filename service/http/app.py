@@ -190,8 +190,8 @@ def add_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def deadline(request: Request, error: DeadlineExceeded) -> Response:
         return detail(
             504,
-            f"the request did not finish within {settings.request_timeout_s:g} s; its remaining work was "
-            f"dropped ({error})",
+            f"the request did not finish within its deadline (timeout_s, at most {settings.request_timeout_s:g} s); "
+            f"its remaining work was dropped ({error})",
             path=request.url.path,
         )
 

@@ -149,6 +149,11 @@ def at_target(answer: CertifyResponse, target_radius: float | None) -> CertifyRe
     return answer.model_copy(update={"target_radius": target_radius, "certified_at_radius": verdict})
 
 
+def scheduling_class(params: CommonParams, interactive: Priority) -> Priority:
+    """The scheduler's class of a request: the endpoint's own when interactive, the batch jobs' when batch."""
+    return Priority.JOB if params.priority == "batch" else interactive
+
+
 def answer_from_cache(stored: dict[str, Any]) -> CertifyResponse | None:
     """The cached answer, or None if the entry does not have the layout this version writes."""
     try:
@@ -186,7 +191,9 @@ async def predict_input(
     model_id = loaded.manifest.id
     question = Question("predict", loaded.manifest.sigma, alpha, n)
     seed, seed_source = seed_of(params)
-    prediction, timing = await svc.engine.run(model_id, x, question.procedure(), seed=seed, priority=Priority.PREDICT)
+    priority = scheduling_class(params, Priority.PREDICT)
+    work = svc.engine.run(model_id, x, question.procedure(), seed=seed, priority=priority, timeout_s=params.timeout_s)
+    prediction, timing = await work
     metrics.record_prediction(model_id, prediction, time.perf_counter() - started, timing)
     fields = {**asdict(prediction), **answer_fields(loaded, x, prediction.label, seed, seed_source, timing)}
     return PredictResponse(**fields)
@@ -233,7 +240,10 @@ async def certify_input(
     if cached is not None:
         metrics.record_certificate(manifest.id, cached.abstained, cached.radius, time.perf_counter() - started, None)
         return at_target(cached, params.radius)
-    result, timing = await svc.engine.run(manifest.id, x, question.procedure(), seed=seed, priority=Priority.CERTIFY)
+    priority = scheduling_class(params, Priority.CERTIFY)
+    procedure = question.procedure()
+    work = svc.engine.run(manifest.id, x, procedure, seed=seed, priority=priority, timeout_s=params.timeout_s)
+    result, timing = await work
     fields = certificate_summary(result)
     fields |= answer_fields(loaded, x, fields["label"], seed, seed_source, timing)
     if svc.signing_key is not None:

@@ -46,7 +46,7 @@ from service.http.state import Services, services
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor extension's header
 PLATFORM = "randomized-smoothing"
-CONTROL_PARAMETERS = ("binary_data_output", "priority", "timeout", "timeout_s")  # not smoothing settings
+TRITON_BATCH_LEVEL = 2  # Triton's integer priorities: 0 = default, 1 = most urgent; from this level on: batch
 MODES = ("predict", "fixed", "adaptive")
 
 router = APIRouter(
@@ -194,7 +194,8 @@ async def read_infer_request(request: Request) -> tuple[InferRequest, bytes]:
 
 def smoothing_params(raw: dict[str, Any]) -> tuple[str, PredictParams | CertifyParams]:
     """The mode and its /v1 parameters from the request's ``parameters`` (422 for unknown or invalid ones)."""
-    fields = {k: v for k, v in raw.items() if k not in CONTROL_PARAMETERS}
+    fields = {k: v for k, v in raw.items() if k not in ("binary_data_output", "timeout", "priority")}
+    fields |= triton_control(raw)
     mode = fields.pop("mode", "fixed")
     if mode not in MODES:
         raise HTTPException(UNPROCESSABLE, f"parameters.mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -203,6 +204,23 @@ def smoothing_params(raw: dict[str, Any]) -> tuple[str, PredictParams | CertifyP
     if mode == "predict":
         return mode, validated(PredictParams, fields)
     return mode, validated(CertifyParams, {**fields, "mode": mode})
+
+
+def triton_control(raw: dict[str, Any]) -> dict[str, Any]:
+    """Triton's request controls as /v1's: ``priority`` (an integer level, or interactive | batch) and
+    ``timeout`` (microseconds) become ``priority`` and ``timeout_s``."""
+    control: dict[str, Any] = {}
+    priority = raw.get("priority")
+    if isinstance(priority, int) and not isinstance(priority, bool):
+        control["priority"] = "batch" if priority >= TRITON_BATCH_LEVEL else "interactive"
+    elif priority is not None:
+        control["priority"] = priority  # validated as /v1's
+    timeout = raw.get("timeout")
+    if timeout is not None:
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+            raise HTTPException(UNPROCESSABLE, "parameters.timeout must be a positive number of microseconds")
+        control["timeout_s"] = timeout / 1e6
+    return control
 
 
 async def decode_inputs(body: InferRequest, binary: bytes, loaded: LoadedModel, resize: bool) -> list[torch.Tensor]:

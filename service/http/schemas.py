@@ -50,6 +50,19 @@ class CommonParams(BaseModel):
     resize: bool = Field(
         False, description="resample an image or array of another height/width to the model's (bilinear)"
     )
+    priority: Literal["interactive", "batch"] = Field(
+        "interactive",
+        description="'interactive': served as the endpoint's own class (predictions first, then certifications); "
+        "'batch': served with the batch jobs, and queued within their bound, so that it never delays or crowds "
+        "out interactive work",
+    )
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="deadline in seconds; past it 504 and the remaining work is dropped. It may only shorten the "
+        "server's CERTSERVE_REQUEST_TIMEOUT_S (default 300 s): a longer one is cut to it",
+    )
 
 
 class PredictParams(CommonParams):

@@ -65,7 +65,8 @@ class InferRequest(BaseModel):
     parameters: dict[str, Any] | None = Field(
         None,
         description="mode (predict | fixed | adaptive; default fixed), n0, n, alpha, radius, tolerance, seed, as in "
-        "/v1; priority (interactive | batch, or Triton's integer level) and timeout_s; binary_data_output",
+        "/v1; priority (interactive | batch, or Triton's integer level: 2 and above = batch), timeout_s (or "
+        "Triton's timeout in microseconds); binary_data_output",
     )
     inputs: list[InferInput]
     outputs: list[RequestedOutput] | None = Field(None, description="the outputs wanted; default: all of the mode's")

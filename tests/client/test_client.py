@@ -220,7 +220,7 @@ def test_503_raises_server_busy_with_retry_after(tight_server: str) -> None:
     try:
         with (
             Client(tight_server, retry=RetryPolicy(retries=0)) as client,
-            pytest.raises(ServerBusy, match="noise samples already pending") as raised,
+            pytest.raises(ServerBusy, match="noise samples of predict work already pending") as raised,
         ):
             client.predict(png(gray()), n=TIGHT_PENDING_SAMPLES // 2)
         assert raised.value.status_code == 503 and raised.value.retry_after_s >= 1

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from service.engine.scheduler import Priority, Scheduler, WorkItem
+from service.engine.scheduler import Priority, QueueFull, Scheduler, WorkItem
 
 MODEL = "m"
 
@@ -69,3 +70,19 @@ def test_completing_a_batch_resolves_finished_items_with_their_counts() -> None:
     scheduler.complete(batch, counts, service_seconds=0.01)
     assert future.result(timeout=1).tolist() == [60, 40, 0]
     assert scheduler.pending_samples == 0
+
+
+def test_each_class_has_its_own_queue_bound() -> None:
+    scheduler = Scheduler(max_pending_samples=1_000)
+    scheduler.submit(item(900, Priority.JOB, seed=1))
+    with pytest.raises(QueueFull, match="900 noise samples of job work already pending") as full:
+        scheduler.submit(item(200, Priority.JOB, seed=2))
+    assert full.value.retry_after_s >= 1
+    scheduler.submit(item(1_000, Priority.PREDICT, seed=3))  # a full batch class leaves interactive work room
+    scheduler.submit(item(1_000, Priority.CERTIFY, seed=4))
+    assert scheduler.pending_samples == 2_900
+    with pytest.raises(QueueFull, match="of predict work"):
+        scheduler.submit(item(1, Priority.PREDICT, seed=5))
+    batch = batch_of(scheduler)  # predictions first: their class's room comes back as they are counted
+    scheduler.complete(batch, torch.zeros(len(batch.chunks), 3, dtype=torch.long), service_seconds=0.01)
+    scheduler.submit(item(1, Priority.PREDICT, seed=5))

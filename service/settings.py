@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     )
 
     # scheduling and limits
-    max_pending_samples: int = Field(2_000_000, gt=0, description="queue bound in noise samples; beyond it: 503")
+    max_pending_samples: int = Field(
+        2_000_000, gt=0, description="queue bound in noise samples, for each priority class; beyond it: 503"
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="per-request deadline; past it: 504")
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="largest request body accepted")
     max_job_bytes: int = Field(256 * 1024 * 1024, gt=0, description="largest batch-job upload accepted")

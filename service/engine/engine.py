@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 
 from service.engine.models import LoadedModel
-from service.engine.scheduler import Priority, Scheduler, WorkItem
+from service.engine.scheduler import DeadlineExceeded, Priority, Scheduler, WorkItem
 from smoothing.sampling import Procedure, SampleRequest, stream_key
 
 R = TypeVar("R")
@@ -67,12 +67,16 @@ class Engine:
         loaded = self.model(model_id)
         x = x.to(loaded.device)
         key = stream_key(seed, x)
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s))
+        timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        deadline = time.monotonic() + timeout
         timing = Timing()
         try:
             request = next(procedure)
             while True:
-                counts = await self._count(loaded, x, key, request, priority, deadline, timing)
+                try:
+                    counts = await self._count(loaded, x, key, request, priority, deadline, timing)
+                except DeadlineExceeded as late:
+                    raise DeadlineExceeded(f"within {timeout:g} s ({late})") from None
                 request = procedure.send(counts)
         except StopIteration as finished:
             return finished.value, timing

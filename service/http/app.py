@@ -190,8 +190,8 @@ def add_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def deadline(request: Request, error: DeadlineExceeded) -> Response:
         return detail(
             504,
-            f"the request did not finish within its deadline (timeout_s, at most {settings.request_timeout_s:g} s); "
-            f"its remaining work was dropped ({error})",
+            f"the request did not finish {error}; its remaining work was dropped (the deadline is the request's "
+            f"timeout_s, at most CERTSERVE_REQUEST_TIMEOUT_S = {settings.request_timeout_s:g} s)",
             path=request.url.path,
         )
 

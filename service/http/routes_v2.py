@@ -13,28 +13,24 @@ Errors are ``{"error": "..."}`` as the protocol says (service.http.app).
 from __future__ import annotations
 
 import asyncio
-import math
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Coroutine
 from typing import Any
 
-import numpy as np
 import torch
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.decoding import UNPROCESSABLE, DecodeError, decode_array
+from service.decoding import UNPROCESSABLE
 from service.engine.models import LoadedModel
 from service.http.auth import require_key
 from service.http.inputs import INLINE_DECODE_BYTES, validated
 from service.http.routes_smoothing import certify_input, predict_input, until_disconnected
-from service.http.schemas import CertifyParams, CertifyResponse, PredictParams, PredictResponse
+from service.http.schemas import CertifyParams, PredictParams
 from service.http.schemas_v2 import (
     INPUT_DATATYPE,
     INPUT_NAME,
     ErrorV2,
-    InferOutput,
     InferRequest,
     InferResponse,
     ModelMetadata,
@@ -43,6 +39,7 @@ from service.http.schemas_v2 import (
     TensorMetadata,
 )
 from service.http.state import Services, services
+from service.http.tensors_v2 import CERTIFY_OUTPUTS, PREDICT_OUTPUTS, Answer, OutputSpec, input_tensors, output_tensor
 
 HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary tensor extension's header
 PLATFORM = "randomized-smoothing"
@@ -55,43 +52,6 @@ router = APIRouter(
     responses={code: {"model": ErrorV2} for code in (401, 403, 404, 413, 422, 503, 504)},
     tags=["open inference protocol (v2)"],
 )
-
-Answer = PredictResponse | CertifyResponse
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """One output tensor: its datatype, and a row of it from one input's answer (a scalar or a per-class list)."""
-
-    datatype: str
-    row: Callable[[Any], Any]
-    per_class: bool = False
-
-
-def _label(answer: Answer) -> int:
-    return -1 if answer.label is None else answer.label
-
-
-ANSWER = OutputSpec("BYTES", lambda a: a.model_dump_json())
-PREDICT_OUTPUTS = {
-    "label": OutputSpec("INT64", _label),
-    "abstained": OutputSpec("BOOL", lambda a: a.abstained),
-    "p_value": OutputSpec("FP64", lambda a: a.p_value),
-    "counts": OutputSpec("INT64", lambda a: a.counts, per_class=True),
-    "answer": ANSWER,
-}
-CERTIFY_OUTPUTS = {
-    "label": OutputSpec("INT64", _label),
-    "radius": OutputSpec("FP64", lambda a: a.radius),
-    "p_a_lower": OutputSpec("FP64", lambda a: a.p_a_lower),
-    "abstained": OutputSpec("BOOL", lambda a: a.abstained),
-    "certified_at_radius": OutputSpec("BOOL", lambda a: bool(a.certified_at_radius)),
-    "selection_counts": OutputSpec("INT64", lambda a: a.selection_counts, per_class=True),
-    "estimation_counts": OutputSpec("INT64", lambda a: a.estimation_counts, per_class=True),
-    "samples": OutputSpec("INT64", lambda a: a.samples),
-    "answer": ANSWER,
-}
-NUMPY_TYPES = {"INT64": "<i8", "FP64": "<f8", "BOOL": "?"}
 
 
 def model_of(svc: Services, name: str, version: str | None) -> LoadedModel:
@@ -230,42 +190,6 @@ async def decode_inputs(body: InferRequest, binary: bytes, loaded: LoadedModel, 
     return await asyncio.to_thread(input_tensors, body, binary, loaded.manifest.input_shape, resize)
 
 
-def input_tensors(
-    body: InferRequest, binary: bytes, input_shape: tuple[int, int, int], resize: bool
-) -> list[torch.Tensor]:
-    """One tensor (C, H, W) per input row; DecodeError (422) naming what is wrong with the tensor."""
-    if len(body.inputs) != 1:
-        raise DecodeError(UNPROCESSABLE, f"give exactly one input tensor ({INPUT_NAME!r}), got {len(body.inputs)}")
-    tensor = body.inputs[0]
-    if tensor.datatype != INPUT_DATATYPE:
-        raise DecodeError(UNPROCESSABLE, f"input datatype must be {INPUT_DATATYPE}, got {tensor.datatype!r}")
-    shape = tensor.shape
-    if len(shape) not in (3, 4) or any(d <= 0 for d in shape):
-        raise DecodeError(UNPROCESSABLE, f"input shape must be [C, H, W] or [N, C, H, W], got {shape}")
-    binary_size = (tensor.parameters or {}).get("binary_data_size")
-    if binary_size is not None:
-        expected = 4 * math.prod(shape)
-        if tensor.data is not None or binary_size != expected or len(binary) != expected:
-            raise DecodeError(
-                UNPROCESSABLE,
-                f"binary input of shape {shape} needs {expected} bytes (FP32) and no data; binary_data_size is "
-                f"{binary_size}, {len(binary)} bytes follow the JSON",
-            )
-        values: Any = np.frombuffer(binary, dtype="<f4")
-    elif tensor.data is None or binary:
-        raise DecodeError(UNPROCESSABLE, "the input needs its values: data, or binary_data_size and the bytes")
-    else:
-        try:
-            values = np.asarray(tensor.data)
-        except (ValueError, TypeError):
-            raise DecodeError(UNPROCESSABLE, "input data must hold only numbers, in equal-length rows") from None
-    if values.size != math.prod(shape):
-        raise DecodeError(UNPROCESSABLE, f"input has {values.size} values but shape {shape} needs {math.prod(shape)}")
-    image_shape = shape[-3:]
-    rows = values.reshape(shape[0] if len(shape) == 4 else 1, -1)
-    return [decode_array(row, image_shape, input_shape=input_shape, resize=resize) for row in rows]
-
-
 async def all_or_nothing(work: list[Coroutine[Any, Any, Answer]]) -> list[Answer]:
     """Every coroutine's result; the first failure cancels the others and is raised as itself."""
     try:
@@ -310,18 +234,3 @@ def infer_response(
 
 def _decision(answers: list[Answer]) -> bool:
     return any(getattr(a, "target_radius", None) is not None for a in answers)
-
-
-def output_tensor(name: str, spec: OutputSpec, answers: list[Answer], binary: bool) -> tuple[InferOutput, bytes | None]:
-    rows = [spec.row(a) for a in answers]
-    shape = [len(rows), len(rows[0])] if spec.per_class else [len(rows)]
-    flat = [v for row in rows for v in row] if spec.per_class else rows
-    if not binary:
-        return InferOutput(name=name, shape=shape, datatype=spec.datatype, data=flat), None
-    if spec.datatype == "BYTES":  # each element: its length (uint32, little-endian), then its bytes
-        encoded = [s.encode() for s in flat]
-        blob = b"".join(len(e).to_bytes(4, "little") + e for e in encoded)
-    else:
-        blob = np.asarray(flat, dtype=NUMPY_TYPES[spec.datatype]).tobytes()
-    output = InferOutput(name=name, shape=shape, datatype=spec.datatype, parameters={"binary_data_size": len(blob)})
-    return output, blob

@@ -220,9 +220,9 @@ def test_503_raises_server_busy_with_retry_after(tight_server: str) -> None:
     try:
         with (
             Client(tight_server, retry=RetryPolicy(retries=0)) as client,
-            pytest.raises(ServerBusy, match="noise samples of predict work already pending") as raised,
+            pytest.raises(ServerBusy, match="noise samples of certify work already pending") as raised,
         ):
-            client.predict(png(gray()), n=TIGHT_PENDING_SAMPLES // 2)
+            client.certify(png(near_gray()), n0=TIGHT_PENDING_SAMPLES // 2, n=100)  # the occupier's class
         assert raised.value.status_code == 503 and raised.value.retry_after_s >= 1
     finally:
         thread.join()
@@ -233,10 +233,10 @@ def test_503_is_retried_after_retry_after(tight_server: str) -> None:
     transport = RecordingTransport()
     try:
         with Client(tight_server, transport=transport, retry=RetryPolicy(retries=30, max_wait_s=30)) as client:
-            answer = client.predict(png(gray()), n=TIGHT_PENDING_SAMPLES // 2, seed=1)
+            answer = client.certify(png(near_gray()), n0=TIGHT_PENDING_SAMPLES // 2, n=100)
     finally:
         thread.join()
-    assert answer.n == TIGHT_PENDING_SAMPLES // 2 and transport.statuses[0] == 503 and transport.statuses[-1] == 200
+    assert answer.n0 == TIGHT_PENDING_SAMPLES // 2 and transport.statuses[0] == 503 and transport.statuses[-1] == 200
 
 
 def test_504_when_the_deadline_passes(deadline_server: str) -> None:

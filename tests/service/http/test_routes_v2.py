@@ -133,3 +133,17 @@ def test_errors_use_the_protocols_shape(server: str) -> None:
     body = {"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32"}]}
     no_data = httpx.post(f"{server}/v2/models/{TINY_ID}/infer", json=body)
     assert no_data.status_code == 422 and "needs its values" in no_data.json()["error"]
+
+
+def test_tritons_priority_and_timeout(client: triton.InferenceServerClient, server: str) -> None:
+    batch = client.infer(TINY_ID, [tensor(GRAY)], parameters={"mode": "predict", "n": 128}, priority=2)
+    assert json.loads(batch.as_numpy("answer")[0])["n"] == 128
+    with pytest.raises(InferenceServerException, match="remaining work was dropped") as raised:
+        client.infer(TINY_ID, [tensor(GRAY)], parameters={"n": 100_000}, timeout=300_000)  # µs: 0.3 s
+    assert raised.value.status() == "504"
+    body = {
+        "parameters": {"priority": "urgent"},
+        "inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32", "data": GRAY.ravel().tolist()}],
+    }
+    refused = httpx.post(f"{server}/v2/models/{TINY_ID}/infer", json=body)
+    assert refused.status_code == 422 and "priority" in refused.json()["error"]

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test test-fast lint dataset install certify-table bench clean
+.PHONY: run test test-fast lint dataset prometheus install certify-table bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,18 @@ dataset:
 	  fi; \
 	fi
 
-install: $(STAMP) dataset
+# Debian's Prometheus 2.42: promtool checks the alert rules, and the loopback stack test runs prometheus itself.
+# Installed automatically when running as root; the package starts no daemon by itself.
+prometheus:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y prometheus || { apt-get update && apt-get install -y prometheus; }; \
+	  else \
+	    echo "Prometheus is missing: run  sudo apt-get install prometheus  and retry"; exit 1; \
+	  fi; \
+	fi
+
+install: $(STAMP) dataset prometheus
 
 run: install
 	$(BIN)/python -m service

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 COMPOSE = REPO / "docker-compose.yml"
 PROMETHEUS_DIR = DOCKER / "prometheus"
@@ -18,7 +18,7 @@ ALERTS = PROMETHEUS_DIR / "alerts.yml"
 ALERTS_TEST = PROMETHEUS_DIR / "alerts_test.yml"
 GRAFANA = DOCKER / "grafana"
 DASHBOARDS = GRAFANA / "dashboards"
-ALLOWLIST = DOCKER / "metrics-allowlist.yml"
+ALLOWLIST = DOCKER / "allowlist.yml"
 WORKER_MODULE = "service.jobs.worker"  # what the workers service runs (issue 17 provides it)
 
 # Grafana's own variables, replaced by what Grafana would put there, so that Prometheus can run the query.
@@ -37,7 +37,7 @@ def compose() -> dict[str, Any]:
     return load_yaml(COMPOSE)
 
 
-def allowlist() -> dict[str, list[str]]:
+def allowlist() -> dict[str, dict[str, list[str]]]:
     return load_yaml(ALLOWLIST)
 
 

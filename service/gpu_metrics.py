@@ -64,7 +64,11 @@ class GpuCollector(Collector):
         )
         total = GaugeMetricFamily("certserve_gpu_memory_total_bytes", "device memory", labels=["device"])
         for device in self._devices:
-            free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+            try:
+                free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+            except RuntimeError as e:  # a failing device must not fail the whole scrape
+                log.warning("GPU memory of %s unavailable: %s", device, e)
+                continue
             used.add_metric([str(device)], total_bytes - free_bytes)
             total.add_metric([str(device)], total_bytes)
         yield used
@@ -78,7 +82,10 @@ class GpuCollector(Collector):
                 labels=["device"],
             )
             for name, handle in self._nvml.items():
-                utilisation.add_metric([name], pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+                try:
+                    utilisation.add_metric([name], pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+                except pynvml.NVMLError as e:
+                    log.warning("GPU utilisation of %s unavailable: %s", name, e)
             yield utilisation
 
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from service.engine.engine import Timing
     from service.engine.models import LoadedModel
     from service.engine.scheduler import Batch, Scheduler
-    from smoothing.core import Certificate, Prediction
+    from smoothing.core import Prediction
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer; nobody reads it
 # 5 ms .. 300 s, roughly ×2–2.5 per step: covers a cached answer as well as a 100,000-sample certification on a CPU.
@@ -159,7 +159,7 @@ def record_prediction(model_id: str, prediction: Prediction, latency_s: float, t
 
 
 def record_certificate(
-    model_id: str, certificate: Certificate, latency_s: float, timing: Timing | None, endpoint: str = "certify"
+    model_id: str, abstained: bool, radius: float, latency_s: float, timing: Timing | None, endpoint: str = "certify"
 ) -> None:
     """Count one CERTIFY answer; its radius goes to CERTIFIED_RADIUS only if it did not abstain.
 
@@ -170,10 +170,10 @@ def record_certificate(
     if timing is not None:
         QUEUE_WAIT.labels(model_id).observe(timing.queued_s)
     CERTIFICATIONS.labels(model_id).inc()
-    if certificate.abstained:
+    if abstained:
         ABSTENTIONS.labels(endpoint, model_id).inc()
     else:
-        CERTIFIED_RADIUS.labels(model_id).observe(certificate.radius)
+        CERTIFIED_RADIUS.labels(model_id).observe(radius)
 
 
 def record_samples(mode: str, samples: int) -> None:

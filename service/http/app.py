@@ -30,6 +30,7 @@ from service.engine.scheduler import DeadlineExceeded, QueueFull, Scheduler
 from service.gpu_metrics import GPU
 from service.http import routes_health, routes_jobs, routes_models, routes_smoothing
 from service.http.response_metrics import ResponseMetrics, mark_cause
+from service.http.routes_console import add_console
 from service.http.routes_smoothing import ClientDisconnected
 from service.http.schemas import RADIUS_UNITS
 from service.http.state import Services
@@ -37,6 +38,7 @@ from service.jobs.runner import RESUME_RETRY_S, STORE_ERRORS, JobRunner
 from service.jobs.store import RedisJobStore, SqliteJobStore
 from service.jobs.uploads import UploadError
 from service.settings import Settings
+from service.signing import load_private_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,6 +59,8 @@ async def in_passing_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    # Before the minutes of model loading: a bad key file fails the start at once.
+    signing_key = None if settings.signing_key_file is None else load_private_key(settings.signing_key_file)
     device = pick_device(settings.device)
     # Loading measures each model's best batch size (seconds of forward passes): keep it off the event loop,
     # on a thread that then exits, taking its OpenMP team with it (see service.engine.executor).
@@ -94,7 +98,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = RedisJobStore(settings.redis_url) if settings.redis_url else SqliteJobStore(settings.job_db)
     jobs = JobRunner(store, engine)
     await jobs.start()
-    app.state.services = Services(settings, scheduler, executor, engine, cache, jobs)
+    app.state.services = Services(settings, scheduler, executor, engine, cache, jobs, signing_key)
     log.info("serving %s on %s", ", ".join(models), device)
     try:
         yield
@@ -248,6 +252,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_models.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_health.router)
+    add_console(app)
     add_error_handlers(app, settings)
     app.add_middleware(BodyLimit, limit_for=body_limit_for(settings))
     app.add_middleware(ResponseMetrics)  # outermost of ours: it sees the body limit's 413s too

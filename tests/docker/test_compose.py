@@ -183,7 +183,7 @@ def test_prometheus_reads_the_repos_config_and_rules_and_scrapes_the_services(
     (discovery,) = jobs["certserve-workers"]["dns_sd_configs"]
     assert discovery["names"] == ["workers"] and discovery["type"] == "A"
     assert str(discovery["port"]) == services["workers"]["environment"]["CERTSERVE_WORKER_METRICS_PORT"]
-    assert "9100" in " ".join(services["workers"]["healthcheck"]["test"])
+    assert f":{discovery['port']}/metrics" in " ".join(services["workers"]["healthcheck"]["test"])
 
 
 def test_grafana_provisioning_paths_exist(services: dict[str, dict[str, Any]]) -> None:

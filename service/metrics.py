@@ -93,7 +93,9 @@ JOB_BACKLOG = Gauge(
     ["backend"],
 )
 REDIS_UP = Gauge(
-    "certserve_redis_up", "1 if the Redis answered a ping at the last scrape, else 0, by role (cache, jobs)", ["role"]
+    "certserve_redis_up",
+    "1 if the Redis answered at the last scrape (cache: a ping; jobs: the job counts), else 0, by role",
+    ["role"],
 )
 SAMPLES_PER_CERTIFICATION = Histogram(
     "certserve_certification_samples",

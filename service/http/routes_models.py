@@ -11,7 +11,7 @@ from service.http.auth import require_key
 from service.http.inputs import bounded
 from service.http.schemas import CertifiableRadius, ErrorResponse, ModelInfo, ModelList
 from service.http.state import services
-from smoothing.sequential import max_certifiable_radius
+from smoothing.statistics import certified_radius, lower_confidence_bound
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], tags=["models"])
 
@@ -37,7 +37,10 @@ def model_info(loaded: LoadedModel, n: int, alpha: float) -> ModelInfo:
         samples_per_second=round(loaded.plan.samples_per_second, 1),
         precision=loaded.plan.precision,
         max_certifiable_radius=CertifiableRadius(
-            radius=max_certifiable_radius(n, alpha, manifest.sigma), n=n, alpha=alpha
+            # fixed-mode CERTIFY when all n samples agree: p̲A = α^(1/n)
+            radius=certified_radius(lower_confidence_bound(n, n, alpha), manifest.sigma),
+            n=n,
+            alpha=alpha,
         ),
     )
 

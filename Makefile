@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test test-fast lint dataset browser install certify-table bench clean
+.PHONY: run test test-fast lint dataset browser prometheus install certify-table bench clean
 
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,15 +37,26 @@ browser:
 	  fi; \
 	fi
 
+# Debian's Prometheus 2.42: promtool checks the alert rules, and the loopback stack test runs prometheus itself.
+# Installed automatically when running as root; the package starts no daemon by itself.
+prometheus:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y prometheus || { apt-get update && apt-get install -y prometheus; }; \
+	  else \
+	    echo "Prometheus is missing: run  sudo apt-get install prometheus  and retry"; exit 1; \
+	  fi; \
+	fi
+
 install: $(STAMP) dataset
 
 run: install
 	$(BIN)/python -m service
 
-test: install browser
+test: install browser prometheus
 	$(BIN)/python -m pytest -m "" -q
 
-test-fast: install
+test-fast: install prometheus
 	$(BIN)/python -m pytest -q
 
 lint: install

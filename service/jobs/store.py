@@ -81,6 +81,10 @@ class JobStore(Protocol):
         ...
 
     async def count_by_state(self) -> dict[str, int]: ...
+    async def backlog(self) -> int:
+        """Images of queued or running jobs that have no result yet."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -222,6 +226,13 @@ class SqliteJobStore:
         rows = await self._call(lambda: self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
         return {state: 0 for state in STATES} | dict(rows)
 
+    async def backlog(self) -> int:
+        sql = (
+            "SELECT COALESCE(SUM(j.total - (SELECT COUNT(*) FROM job_results r WHERE r.job_id = j.id)), 0) "
+            f"FROM jobs j WHERE j.state IN {_ACTIVE_SQL}"
+        )
+        return (await self._call(lambda: self._db.execute(sql).fetchone()))[0]
+
     async def close(self) -> None:
         def close() -> None:
             with self._lock:
@@ -348,6 +359,14 @@ class RedisJobStore:
     async def count_by_state(self) -> dict[str, int]:
         raw = await self._redis.hgetall(self._key("states"))
         return {state: 0 for state in STATES} | {k.decode(): int(v) for k, v in raw.items()}
+
+    async def backlog(self) -> int:
+        ids = [v.decode() for v in await self._redis.smembers(self._key("active"))]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(self._key(job_id), ["total", "done"])
+            rows = await pipe.execute()
+        return sum(int(total or 0) - int(done or 0) for total, done in rows)
 
     async def ping(self) -> bool:
         return bool(await self._redis.ping())

@@ -32,7 +32,7 @@ def test_a_flood_of_batch_certifications_does_not_503_interactive_requests(tight
     each = TIGHT_PENDING_SAMPLES // 2  # two fit in the batch class's bound
     with ThreadPoolExecutor(flood) as pool, Client(tight_server, retry=NO_RETRY) as client:
         outcomes = [pool.submit(batch_certify, tight_server, each) for _ in range(flood)]
-        wait_for_pending(tight_server, each)
+        wait_for_pending(tight_server, each / 2)
         with pytest.raises(ServerBusy, match="of job work already pending"):  # the batch class is full...
             client.predict(png(near_gray()), n=TIGHT_PENDING_SAMPLES - 100, priority="batch")
         # ...and interactive work, as large as the whole bound allows, is still taken and answered.

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test test-fast lint dataset install certify-table bench clean
+.PHONY: run test test-fast lint dataset redis-server install certify-table bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,17 @@ dataset:
 	  fi; \
 	fi
 
-install: $(STAMP) dataset
+# The job-outage tests start (and kill) redis-server processes of their own on ports 6390-6399.
+redis-server:
+	@if ! command -v redis-server >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y redis-server || { apt-get update && apt-get install -y redis-server; }; \
+	  else \
+	    echo "redis-server is missing: run  sudo apt-get install redis-server  and retry"; exit 1; \
+	  fi; \
+	fi
+
+install: $(STAMP) dataset redis-server
 
 run: install
 	$(BIN)/python -m service

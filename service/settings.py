@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.registry import DEFAULT_ROOT
@@ -21,7 +21,19 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address `python -m service` listens on (0.0.0.0 for all interfaces)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port `python -m service` listens on")
     access_log: bool = Field(False, description="log every request (uvicorn's access log); metrics count them anyway")
-    shutdown_grace_s: float = Field(30.0, gt=0, description="on SIGTERM, wait this long for requests in flight")
+    shutdown_grace_s: float = Field(
+        30.0,
+        gt=0,
+        description="on SIGTERM, wait this long for requests in flight; those still running a second before it "
+        "ends are answered 503 with Retry-After",
+    )
+    keep_alive_s: float = Field(5.0, gt=0, description="close an idle keep-alive connection after this long")
+    max_connections: int = Field(
+        1024, gt=0, description="concurrent connections and requests; beyond them uvicorn answers 503"
+    )
+    body_read_timeout_s: float = Field(
+        10.0, gt=0, description="a request body that sends nothing for this long is answered 408"
+    )
 
     # models and device
     model_dir: Path = Field(DEFAULT_ROOT, description="registry folder of checkpoints (manifest.json + weights.pt)")
@@ -72,3 +84,14 @@ class Settings(BaseSettings):
     cache_size: int = Field(10_000, gt=0, description="entries of the in-process LRU cache (no Redis)")
     job_db: Path = Field(Path("state/jobs.sqlite3"), description="SQLite job store when Redis is not configured")
     api_keys: list[str] = Field(default_factory=list, description="bearer keys; empty = no authentication")
+
+    @model_validator(mode="after")
+    def defaults_within_limits(self) -> Settings:
+        """Refuse at start-up defaults that every request without n would be blamed for (a 422 per request)."""
+        for name in ("default_predict_n", "default_n0", "default_n"):
+            if getattr(self, name) > self.max_n:
+                raise ValueError(
+                    f"CERTSERVE_{name.upper()} = {getattr(self, name)} is above CERTSERVE_MAX_N = {self.max_n}: "
+                    f"lower {name} or raise max_n"
+                )
+        return self

@@ -20,6 +20,7 @@ from service.http.schemas import JobCreated, JobParams
 from service.http.state import services
 from service.jobs.runner import results_tsv
 from service.jobs.uploads import parse_upload
+from service.messages import shown
 from smoothing.sampling import new_seed
 
 router = APIRouter(prefix="/v1/jobs", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES, tags=["jobs"])
@@ -31,7 +32,7 @@ JOB_FORM_DOC = {
 
 
 def job_not_found(job_id: str) -> HTTPException:
-    return HTTPException(404, f"no job {job_id!r} (it does not exist, or another API key created it)")
+    return HTTPException(404, f"no job {shown(job_id)} (it does not exist, or another API key created it)")
 
 
 @router.post(

@@ -253,6 +253,11 @@ class JobRunner:
         manifest = self.engine.model(model_id).manifest
         if tuple(parsed.images.shape[1:]) != tuple(manifest.input_shape) or len(parsed.images) == 0:
             raise ValueError(f"job images {list(parsed.images.shape)} do not fit model input {manifest.input_shape}")
+        if parsed.labels is not None and not all(0 <= label < manifest.num_classes for label in parsed.labels):
+            bad = next(label for label in parsed.labels if not 0 <= label < manifest.num_classes)
+            raise ValueError(
+                f"label {bad} is not a class of model {manifest.id} (class indices 0 to {manifest.num_classes - 1})"
+            )
         if n0 < 1 or n < 1 or not 0.0 < alpha < 0.5:
             raise ValueError(f"need n0 >= 1, n >= 1 and 0 < alpha < 0.5, got n0={n0}, n={n}, alpha={alpha}")
         now = time.time()

@@ -17,6 +17,7 @@ import bz2
 import gzip
 import io
 import lzma
+import math
 import tarfile
 import zipfile
 import zlib
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from service.decoding import DecodeError, decode_image, format_shape
+from service.messages import shown
 
 MAX_RATIO = 200
 """Largest compression ratio accepted for an entry over ``RATIO_FLOOR`` bytes (images barely compress)."""
@@ -105,7 +107,7 @@ def parse_upload(
     elif name.endswith(TAR_SUFFIXES) or _looks_like_tar(data):
         entries = _tar_entries(data, max_images=max_images, max_total_bytes=max_total_bytes)
     else:
-        raise UploadError(415, f"cannot tell what {filename!r} is: send a .zip or .tar(.gz) of images, or an .npz")
+        raise UploadError(415, f"cannot tell what {shown(filename)} is: send a .zip or .tar(.gz) of images, or an .npz")
     return _decode_entries(entries, input_shape=input_shape, max_pixels=max_pixels)
 
 
@@ -153,7 +155,7 @@ def _zip_entries(archive: zipfile.ZipFile, *, max_images: int, max_total_bytes: 
                 with archive.open(info) as f:
                     blob = _read_at_most(f, max_total_bytes - used, max_total_bytes)
             except _ARCHIVE_ERRORS as e:
-                raise UploadError(400, f"zip entry {info.filename!r} cannot be read: {e}") from None
+                raise UploadError(400, f"zip entry {shown(info.filename)} cannot be read: {e}") from None
             used += len(blob)
             entries.append((info.filename, blob))
     return entries
@@ -167,7 +169,7 @@ def _check_declared(infos: list[zipfile.ZipInfo], max_total_bytes: int) -> None:
         if info.file_size > RATIO_FLOOR and info.file_size > MAX_RATIO * max(info.compress_size, 1):
             raise UploadError(
                 413,
-                f"zip entry {info.filename!r} compresses {info.file_size}:{info.compress_size}, "
+                f"zip entry {shown(info.filename)} compresses {info.file_size}:{info.compress_size}, "
                 f"beyond {MAX_RATIO}:1 (an archive bomb?)",
             )
 
@@ -228,7 +230,7 @@ def _decode_entries(
         try:
             images.append(decode_image(blob, input_shape=input_shape, max_pixels=max_pixels, resize=False))
         except DecodeError as e:
-            raise UploadError(e.status_code, f"entry {name!r}: {e.message}") from None
+            raise UploadError(e.status_code, f"entry {shown(name)}: {e.message}") from None
     return ParsedUpload(torch.stack(images), None, [_printable(name) for name, _ in entries])
 
 
@@ -256,14 +258,36 @@ def _parse_npz(
     return ParsedUpload(images, labels, [str(i) for i in range(len(images))])
 
 
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
 def _read_npy(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_total_bytes: int) -> np.ndarray:
+    """One array of the .npz. Its header is checked before any array is made: no object dtype, and exactly
+    the bytes its shape and dtype need present (numpy's own reader allocates what the header claims, so a
+    2 KB file could ask for gigabytes)."""
     name = info.filename.removesuffix(".npy")
     try:
         with archive.open(info) as f:
             blob = _read_at_most(f, max_total_bytes, max_total_bytes)
-        return np.lib.format.read_array(io.BytesIO(blob), allow_pickle=False)
-    except _ARCHIVE_ERRORS as e:  # ValueError also covers object arrays, which would need pickle
-        raise UploadError(400, f"array {name!r} of the .npz cannot be read: {e}") from None
+        stream = io.BytesIO(blob)
+        version = np.lib.format.read_magic(stream)
+        if version not in _NPY_HEADERS:
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, fortran_order, dtype = _NPY_HEADERS[version](stream)
+    except _ARCHIVE_ERRORS as e:
+        raise UploadError(400, f"array {shown(name)} of the .npz cannot be read: {e}") from None
+    if dtype.hasobject:
+        raise UploadError(400, f"array {shown(name)} holds Python objects: send numbers (uint8, float or int)")
+    count = math.prod(shape)
+    present = len(blob) - stream.tell()
+    if count * dtype.itemsize != present:
+        raise UploadError(
+            400,
+            f"array {shown(name)} declares shape {shown(list(shape))} of {dtype} ({count * dtype.itemsize} bytes) "
+            f"but holds {present} bytes",
+        )
+    flat = np.frombuffer(blob, dtype=dtype, count=count, offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran_order else "C").copy()  # own, writable, C-ordered memory
 
 
 def _images_tensor(array: np.ndarray, input_shape: tuple[int, int, int], max_images: int) -> torch.Tensor:

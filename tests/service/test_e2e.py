@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 import redis
 import torch
 from payloads import encode_image
+from server_process import REPO, free_port, wait_until_ready
 from tiny_model import TINY_CLASSES, TINY_ID, TINY_SIGMA
 
 from models.registry import load_model
@@ -36,13 +36,6 @@ pytestmark = pytest.mark.slow  # starting a server process takes several seconds
 REDIS_URL = "redis://127.0.0.1:6379/15"
 ALPHA = 0.001
 FLIPS_ALLOWED = 2
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -88,20 +81,6 @@ def server(
     # uvicorn shuts down gracefully, then re-raises the signal it caught, so the exit status says SIGTERM.
     assert code in (0, -signal.SIGTERM), text
     assert "Application shutdown complete" in text and "Traceback" not in text, text
-
-
-def wait_until_ready(base: str, process: subprocess.Popen, log_path: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"the server was not ready within {timeout_s} s:\n{log_path.read_text()}")
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,13 @@ Every field is documented in the README's settings table; nothing else reads the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.registry import DEFAULT_ROOT
+from service.engine.scheduler import DEFAULT_SHARES, Priority
 
 
 class Settings(BaseSettings):
@@ -63,6 +64,11 @@ class Settings(BaseSettings):
 
     # scheduling and limits
     max_pending_samples: int = Field(2_000_000, gt=0, description="queue bound in noise samples; beyond it: 503")
+    class_shares: dict[Literal["predict", "certify", "job"], Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: {p.name.lower(): share for p, share in DEFAULT_SHARES.items()},
+        description="share of the device's samples each class of work is guaranteed while it has work "
+        "(weights, normalised to sum 1); work a class leaves unused goes to the others",
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="per-request deadline; past it: 504")
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="largest request body accepted")
     max_job_bytes: int = Field(256 * 1024 * 1024, gt=0, description="largest batch-job upload accepted")
@@ -85,6 +91,11 @@ class Settings(BaseSettings):
     job_db: Path = Field(Path("state/jobs.sqlite3"), description="SQLite job store when Redis is not configured")
     api_keys: list[str] = Field(default_factory=list, description="bearer keys; empty = no authentication")
 
+    @property
+    def shares(self) -> dict[Priority, float]:
+        """``class_shares`` by scheduler class."""
+        return {Priority[name.upper()]: share for name, share in self.class_shares.items()}
+
     @model_validator(mode="after")
     def defaults_within_limits(self) -> Settings:
         """Refuse at start-up defaults that every request without n would be blamed for (a 422 per request)."""
@@ -94,4 +105,7 @@ class Settings(BaseSettings):
                     f"CERTSERVE_{name.upper()} = {getattr(self, name)} is above CERTSERVE_MAX_N = {self.max_n}: "
                     f"lower {name} or raise max_n"
                 )
+        missing = {p.name.lower() for p in Priority} - set(self.class_shares)
+        if missing:
+            raise ValueError(f"CERTSERVE_CLASS_SHARES needs a share for every class; missing {sorted(missing)}")
         return self

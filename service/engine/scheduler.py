@@ -2,11 +2,18 @@
 
 Work is measured in samples, not requests. A ``WorkItem`` asks for the class counts of samples
 [0, num) of one input's noise stream. At every step the executor asks ``next_batch`` for up to
-the model's best batch size: the scheduler takes the model of the most urgent item, then fills
-the batch from that model's items, highest priority class first, round-robin inside a class,
-one chunk per item per turn. A 100,000-sample certification therefore never blocks a
-100-sample prediction that arrives after it. A batch led by PREDICT work holds PREDICT work
-only: a prediction waits for at most the batch in flight, then runs in a batch of its own size
+the model's best batch size: the scheduler picks the class that leads the batch, takes the model
+of that class's oldest item, then fills the batch from that model's items, the lead class first,
+round-robin inside a class, one chunk per item per turn. A 100,000-sample certification
+therefore never blocks a 100-sample prediction that arrives after it.
+
+Classes share the device by weight while they have work (weighted fair queueing in samples): each
+class's samples served are counted divided by its share, and the class with work and the least
+weighted service leads the next batch, ties going to the more urgent class. So under any flood of
+predictions, certifications and jobs still get at least their share of the samples (DEFAULT_SHARES,
+settable), and a class that was idle comes back level with the others rather than with saved-up
+credit: a prediction arriving after a quiet spell leads the very next batch. A batch led by PREDICT
+work holds PREDICT work only: a prediction waits for at most the batch in flight, then runs in a batch of its own size
 instead of a full one. And for ``INTERACTIVE_WINDOW_S`` after PREDICT work arrives, every batch
 is the model's interactive size (the smallest near its best throughput, smoothing.tuning) rather
 than its fastest, so that the batch in flight is short too (bench/findings.md).
@@ -20,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -33,11 +40,15 @@ INTERACTIVE_WINDOW_S = 1.0
 
 
 class Priority(IntEnum):
-    """Lower value = served first."""
+    """Classes of work; lower value = more urgent (wins ties, and predictions lead short batches)."""
 
     PREDICT = 0
     CERTIFY = 1
     JOB = 2
+
+
+DEFAULT_SHARES: dict[Priority, float] = {Priority.PREDICT: 0.6, Priority.CERTIFY: 0.3, Priority.JOB: 0.1}
+"""Fraction of the device's samples each class is guaranteed while every class has work (normalised to sum 1)."""
 
 
 class QueueFull(Exception):
@@ -97,12 +108,23 @@ class Batch:
 
 class Scheduler:
     def __init__(
-        self, *, max_pending_samples: int, chunk_size: int = 4 * NOISE_BLOCK, batch_delay_s: float = 0.0
+        self,
+        *,
+        max_pending_samples: int,
+        chunk_size: int = 4 * NOISE_BLOCK,
+        batch_delay_s: float = 0.0,
+        shares: Mapping[Priority, float] = DEFAULT_SHARES,
     ) -> None:
         if chunk_size % NOISE_BLOCK:
             raise ValueError(f"chunk_size must be a multiple of the noise block ({NOISE_BLOCK}), got {chunk_size}")
         if max_pending_samples <= 0 or batch_delay_s < 0:
             raise ValueError("max_pending_samples must be > 0 and batch_delay_s >= 0")
+        if set(shares) != set(Priority) or not all(share > 0 for share in shares.values()):
+            raise ValueError(f"shares need a positive share for each of {[p.name for p in Priority]}, got {shares}")
+        total = sum(shares.values())
+        self.shares = {p: shares[p] / total for p in Priority}
+        # Samples served to each class divided by its share (a virtual time): the lowest with work leads.
+        self._weighted_service = {p: 0.0 for p in Priority}
         self.max_pending_samples = max_pending_samples
         self.chunk_size = chunk_size
         self.batch_delay_s = batch_delay_s
@@ -124,6 +146,10 @@ class Scheduler:
                 retry = max(1, round(self._pending / self._samples_per_s))
                 raise QueueFull(self._pending, self.max_pending_samples, retry)
             self._pending += item.num
+            if not self._has_work(item.priority):  # back from idle: level with the busy classes, no saved credit
+                busy = [self._weighted_service[p] for p in Priority if self._has_work(p)]
+                if busy:
+                    self._weighted_service[item.priority] = max(self._weighted_service[item.priority], min(busy))
             self._queues[item.priority].append(item)
             if item.priority == Priority.PREDICT:
                 self._interactive_until = time.monotonic() + INTERACTIVE_WINDOW_S
@@ -148,8 +174,14 @@ class Scheduler:
                 if ready < batch_size and wait > 0:
                     self._cond.wait(min(wait, timeout))
                     return None
-            classes = [Priority.PREDICT] if lead.priority == Priority.PREDICT else list(Priority)
-            return self._fill(lead.model_id, batch_size, classes)
+            if lead.priority == Priority.PREDICT:
+                classes = [Priority.PREDICT]
+            else:  # the lead class first; leftover room goes to the others, most urgent first
+                classes = [lead.priority, *(p for p in Priority if p != lead.priority)]
+            batch = self._fill(lead.model_id, batch_size, classes)
+            for item, chunk in zip(batch.items, batch.chunks, strict=True):
+                self._weighted_service[item.priority] += chunk.size / self.shares[item.priority]
+            return batch
 
     def complete(self, batch: Batch, counts: torch.Tensor, service_seconds: float) -> None:
         """Add each chunk's counts (len(chunks), num_classes) to its item; resolve finished items."""
@@ -174,12 +206,16 @@ class Scheduler:
 
     # -- internals (call with the lock held) --------------------------------------------------
 
+    def _has_work(self, priority: Priority) -> bool:
+        return any(i.undispatched > 0 for i in self._queues[priority])
+
     def _most_urgent(self) -> WorkItem | None:
-        for priority in Priority:
-            live = [i for i in self._queues[priority] if i.undispatched > 0]
-            if live:
-                return min(live, key=lambda i: i.arrival)
-        return None
+        """The oldest item of the class with work that has had the least weighted service (ties: most urgent)."""
+        busy = [p for p in Priority if self._has_work(p)]
+        if not busy:
+            return None
+        lead_class = min(busy, key=lambda p: (self._weighted_service[p], p))
+        return min((i for i in self._queues[lead_class] if i.undispatched > 0), key=lambda i: i.arrival)
 
     def _fill(self, model_id: str, batch_size: int, classes: list[Priority]) -> Batch:
         items: list[WorkItem] = []

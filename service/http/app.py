@@ -75,7 +75,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not models:
         raise RuntimeError(f"no models found in {settings.model_dir} (set CERTSERVE_MODEL_DIR or CERTSERVE_MODELS)")
     scheduler = Scheduler(
-        max_pending_samples=settings.max_pending_samples, batch_delay_s=settings.batch_delay_ms / 1000.0
+        max_pending_samples=settings.max_pending_samples,
+        batch_delay_s=settings.batch_delay_ms / 1000.0,
+        shares=settings.shares,
     )
     executor = Executor(scheduler, models, on_batch=metrics.record_batch, threads=settings.threads)
     executor.start()

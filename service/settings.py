@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0, description="largest request body accepted")
     max_job_bytes: int = Field(256 * 1024 * 1024, gt=0, description="largest batch-job upload accepted")
     max_image_pixels: int = Field(4096 * 4096, gt=0, description="largest decoded image (decompression bombs)")
+    max_decoding_bytes: int = Field(
+        256 * 1024 * 1024,
+        gt=0,
+        description="bytes of job uploads being decompressed at once, all uploads together; beyond it: 503",
+    )
     max_job_images: int = Field(10_000, gt=0, description="most images in one batch job")
     max_n: int = Field(1_000_000, gt=0, description="largest n (and n0) a request may ask for")
 

@@ -35,7 +35,7 @@ from service.http.shutdown import Drain, ShutdownGuard
 from service.http.state import Services
 from service.jobs.runner import RESUME_RETRY_S, STORE_ERRORS, JobRunner
 from service.jobs.store import RedisJobStore, SqliteJobStore
-from service.jobs.uploads import UploadError
+from service.jobs.uploads import DecodeBudget, UploadError
 from service.messages import MAX_DETAIL, MAX_SHOWN, clipped, shown
 from service.settings import Settings
 
@@ -87,7 +87,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = RedisJobStore(settings.redis_url) if settings.redis_url else SqliteJobStore(settings.job_db)
     jobs = JobRunner(store, engine)
     await jobs.start()
-    app.state.services = Services(settings, scheduler, executor, engine, cache, jobs)
+    uploads = DecodeBudget(settings.max_decoding_bytes)
+    app.state.services = Services(settings, scheduler, executor, engine, cache, jobs, uploads)
     log.info("serving %s on %s", ", ".join(models), device)
     try:
         yield
@@ -192,7 +193,10 @@ def add_error_handlers(app: FastAPI, settings: Settings) -> None:
         return detail(422, describe_validation(list(error.errors())))
 
     async def decode_error(request: Request, error: DecodeError | UploadError) -> Response:
-        return detail(error.status_code, error.message)
+        retry_after = getattr(error, "retry_after_s", None)
+        return detail(
+            error.status_code, error.message, None if retry_after is None else {"Retry-After": str(retry_after)}
+        )
 
     async def unknown_model(request: Request, error: UnknownModel) -> Response:
         known = ", ".join(request.app.state.services.engine.models)

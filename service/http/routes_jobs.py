@@ -63,6 +63,7 @@ async def create_job(request: Request, caller: Caller) -> JSONResponse:
         max_images=settings.max_job_images,
         max_pixels=settings.max_image_pixels,
         max_total_bytes=settings.max_job_bytes,
+        budget=svc.uploads,
     )
     try:
         job_id = await svc.jobs.create(caller, parsed, loaded.manifest.id, n0, n, alpha, seed)

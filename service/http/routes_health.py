@@ -1,7 +1,10 @@
 """Health and metrics routes; they stay open when API keys are configured.
 
-Liveness depends on nothing (the process answers); readiness needs the models loaded, the
-executor thread alive and, when configured, Redis answering a ping.
+Liveness depends on nothing (the process answers); readiness needs the models loaded and the
+executor thread alive. Redis (when configured) is reported but does not fail readiness: without
+it every predict and certify is still answered (the certificate cache is skipped), so pulling the
+replica would lose capacity for nothing. While it is down the answer says "degraded" and which
+routes are affected: the job routes answer 503 + Retry-After, and running jobs wait for it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ from service.http.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
 
+REDIS_DOWN = (
+    "redis unreachable: certificates are computed but not cached; /v1/jobs routes answer 503 with Retry-After; "
+    "running jobs wait and resume once Redis is back"
+)
+
 
 @router.get("/healthz", response_model=Health, summary="Liveness (depends on neither models nor Redis)")
 @router.get("/v2/health/live", response_model=Health, summary="Liveness, KServe v2 path")
@@ -24,8 +32,8 @@ async def live() -> Health:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "not ready: a check failed"}},
-    summary="Readiness: models loaded, executor running, Redis reachable when configured",
+    responses={503: {"model": Readiness, "description": "not ready: models not loaded or executor stopped"}},
+    summary="Readiness: models loaded and executor running (200, 'degraded' when only Redis is down)",
 )
 @router.get("/v2/health/ready", response_model=Readiness, summary="Readiness, KServe v2 path")
 async def ready(request: Request) -> JSONResponse:
@@ -34,10 +42,14 @@ async def ready(request: Request) -> JSONResponse:
         checks = {"models_loaded": False, "executor_alive": False}
     else:
         checks = {"models_loaded": bool(svc.engine.models), "executor_alive": svc.executor.alive}
-        if svc.settings.redis_url:
-            checks["redis"] = await svc.cache.ping()
     ok = all(checks.values())
-    body = Readiness(status="ready" if ok else "not ready", checks=checks)
+    degraded = []
+    if svc is not None and svc.settings.redis_url:
+        checks["redis"] = await svc.cache.ping()
+        if not checks["redis"]:
+            degraded.append(REDIS_DOWN)
+    status = "not ready" if not ok else "degraded" if degraded else "ready"
+    body = Readiness(status=status, checks=checks, degraded=degraded)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 

@@ -193,8 +193,11 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: str
-    checks: dict[str, bool] = Field(description="each readiness condition and whether it holds")
+    status: Literal["ready", "degraded", "not ready"] = Field(
+        description="'degraded': ready, but a dependency that only some routes need is down (see `degraded`)"
+    )
+    checks: dict[str, bool] = Field(description="each condition and whether it holds (redis: informational)")
+    degraded: list[str] = Field(default_factory=list, description="what does not work now, and what still does")
 
 
 class JobParams(BaseModel):

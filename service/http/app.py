@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -187,6 +188,11 @@ def detail(status_code: int, text: str, headers: dict[str, str] | None = None) -
 
 def add_error_handlers(app: FastAPI, settings: Settings) -> None:
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if error.status_code == 405:  # Starlette's Allow names one route's methods; a path may have several
+            allow = ", ".join(allowed_methods(request.app, request.scope))
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers={"Allow": allow})
+            return detail(405, f"{request.method} is not allowed here; allowed: {allow}", headers={"Allow": allow})
         return detail(error.status_code, str(error.detail), headers=error.headers)
 
     async def validation(request: Request, error: RequestValidationError) -> Response:
@@ -249,6 +255,39 @@ def add_error_handlers(app: FastAPI, settings: Settings) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route of ``app`` serves at the scope's path, OPTIONS included."""
+    served = {
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in app.router.routes)
+    }
+    return [method for method in HTTP_METHODS if method in served] + ["OPTIONS"]
+
+
+def openapi_for(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:
+    """The OpenAPI document; without API keys configured it declares no security (nothing asks for a key)."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default()
+            if not settings.api_keys:
+                schema.get("components", {}).pop("securitySchemes", None)
+                for operations in schema["paths"].values():
+                    for operation in operations.values():
+                        operation.pop("security", None)
+                        for code in ("401", "403"):
+                            operation.get("responses", {}).pop(code, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service as an ASGI app; ``settings`` default to the environment's (CERTSERVE_*)."""
     settings = settings or Settings()
@@ -265,6 +304,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_jobs.router)
     app.include_router(routes_health.router)
     add_error_handlers(app, settings)
+    app.openapi = openapi_for(app, settings)  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, limit_for=body_limit_for(settings), read_timeout_s=settings.body_read_timeout_s)
     app.state.drain = Drain()
     app.add_middleware(ShutdownGuard, drain=app.state.drain)  # outermost: it answers for everything inside

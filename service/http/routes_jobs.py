@@ -25,6 +25,7 @@ from smoothing.sampling import new_seed
 
 router = APIRouter(prefix="/v1/jobs", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES, tags=["jobs"])
 
+TSV_MEDIA_TYPE = "text/tab-separated-values"
 JOB_FILE = "a .zip or .tar(.gz) of images, or an .npz with `images` and optional `labels`"
 JOB_FORM_DOC = {
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form_schema(JobParams, JOB_FILE)}}}
@@ -88,6 +89,15 @@ async def job_status(request: Request, job_id: str, caller: Caller) -> dict[str,
     description="TSV columns: idx, label (-1 when the upload had no labels), predict (-1 = abstained), radius "
     "(ℓ2, [0, 1] pixel space at the model's input resolution), correct, time (seconds).",
     response_model=None,
+    responses={
+        200: {
+            "description": "format=json: the rows as JSON; format=tsv: the paper's log format",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                TSV_MEDIA_TYPE: {"schema": {"type": "string"}},
+            },
+        }
+    },
 )
 async def job_results(
     request: Request,
@@ -101,7 +111,7 @@ async def job_results(
         raise job_not_found(job_id)
     rows = await jobs.results(job_id, caller)
     if format == "tsv":
-        return PlainTextResponse(results_tsv(rows), media_type="text/tab-separated-values")
+        return PlainTextResponse(results_tsv(rows), media_type=TSV_MEDIA_TYPE)
     return {"id": job_id, "state": status["state"], "results": rows}
 
 

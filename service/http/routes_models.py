@@ -6,10 +6,16 @@ from fastapi import APIRouter, Depends, Request
 
 from service.engine.models import LoadedModel
 from service.http.auth import require_key
+from service.http.routes_smoothing import ERROR_RESPONSES
 from service.http.schemas import ErrorResponse, ModelInfo, ModelList
 from service.http.state import services
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], tags=["models"])
+router = APIRouter(
+    prefix="/v1",
+    dependencies=[Depends(require_key)],
+    responses={code: ERROR_RESPONSES[code] for code in (401, 403)},
+    tags=["models"],
+)
 
 
 def model_info(loaded: LoadedModel) -> ModelInfo:

@@ -106,3 +106,31 @@ def test_defaults_above_max_n_are_refused_at_start_up(make_settings: Callable[..
         make_settings(max_n=1000, **{field: 1001})
     assert f"CERTSERVE_{field.upper()}" in str(refused.value) and "CERTSERVE_MAX_N" in str(refused.value)
     make_settings(max_n=1000, default_n=1000, default_n0=100, default_predict_n=1000)  # at the limit is fine
+
+
+def test_openapi_declares_security_only_with_keys(client: TestClient, make_settings: Callable[..., Settings]) -> None:
+    spec = client.get("/openapi.json").json()
+    assert "securitySchemes" not in spec.get("components", {})
+    assert all("security" not in op for ops in spec["paths"].values() for op in ops.values())
+    assert "401" not in spec["paths"]["/v1/predict"]["post"]["responses"]
+    with TestClient(create_app(make_settings(api_keys=["k"]))) as keyed:
+        spec = keyed.get("/openapi.json").json()
+    assert "securitySchemes" in spec["components"]
+    for path in ("/v1/models", "/v1/models/{model_id}", "/v1/predict", "/v1/jobs/{job_id}"):
+        operation = next(iter(spec["paths"][path].values()))
+        assert {"401", "403"} <= set(operation["responses"]) and operation["security"], path
+
+
+def test_openapi_names_the_content_types_of_metrics_and_tsv_results(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert any(t.startswith("text/plain") for t in paths["/metrics"]["get"]["responses"]["200"]["content"])
+    results = paths["/v1/jobs/{job_id}/results"]["get"]["responses"]["200"]["content"]
+    assert {"application/json", "text/tab-separated-values"} <= set(results)
+
+
+def test_options_and_405_list_every_method_of_a_path(client: TestClient) -> None:
+    options = client.options("/v1/jobs/some-id")
+    assert options.status_code == 204 and options.headers["allow"] == "GET, DELETE, OPTIONS"
+    wrong = client.put("/v1/jobs/some-id")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, DELETE, OPTIONS"
+    assert "DELETE" in wrong.json()["detail"]

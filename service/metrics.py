@@ -15,7 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram
 if TYPE_CHECKING:
     from service.engine.engine import Timing
     from service.engine.scheduler import Batch, Scheduler
-    from smoothing.core import Certificate, Prediction
+    from smoothing.core import Prediction
 
 # 5 ms .. 300 s, roughly ×2–2.5 per step: covers a cached answer as well as a 100,000-sample certification on a CPU.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
@@ -98,7 +98,7 @@ def record_prediction(model_id: str, prediction: Prediction, latency_s: float, t
 
 
 def record_certificate(
-    model_id: str, certificate: Certificate, latency_s: float, timing: Timing | None, endpoint: str = "certify"
+    model_id: str, abstained: bool, radius: float, latency_s: float, timing: Timing | None, endpoint: str = "certify"
 ) -> None:
     """Count one CERTIFY answer; its radius goes to CERTIFIED_RADIUS only if it did not abstain.
 
@@ -109,10 +109,10 @@ def record_certificate(
     if timing is not None:
         QUEUE_WAIT.labels(model_id).observe(timing.queued_s)
     CERTIFICATIONS.labels(model_id).inc()
-    if certificate.abstained:
+    if abstained:
         ABSTENTIONS.labels(endpoint, model_id).inc()
     else:
-        CERTIFIED_RADIUS.labels(model_id).observe(certificate.radius)
+        CERTIFIED_RADIUS.labels(model_id).observe(radius)
 
 
 def record_samples(mode: str, samples: int) -> None:

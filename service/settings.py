@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     cache_size: int = Field(10_000, gt=0, description="entries of the in-process LRU cache (no Redis)")
     job_db: Path = Field(Path("state/jobs.sqlite3"), description="SQLite job store when Redis is not configured")
     api_keys: list[str] = Field(default_factory=list, description="bearer keys; empty = no authentication")
+    signing_key_file: Path | None = Field(
+        None,
+        description="PEM Ed25519 private key; when set, every certify answer is signed (GET /v1/signing-key "
+        "serves the public key). Make one with `python -m service.signing new-key FILE`",
+    )
 
     @property
     def shares(self) -> dict[Priority, float]:

@@ -15,9 +15,9 @@ optimistic projection (p_A at its upper confidence bound at ``futility_alpha``) 
 the target by n_max; the adaptive certificate stops when a milder projection (p_A at its
 upper bound at ``projection_alpha``) would raise the radius by at most the tolerance.
 
-The procedures are written once, as generators that yield ``SampleRequest``s and receive the
-class counts of those samples; ``run`` drives one with a synchronous sampler (the library) and
-the service drives the same generator with its asynchronous scheduler.
+The procedures are written once, as generators in the protocol of ``smoothing.sampling``: they
+yield ``SampleRequest``s and receive the class counts of those samples; ``run`` drives one with a
+synchronous sampler (the library) and the service drives the same generator with its scheduler.
 
 Radii are ℓ2 distances in the [0, 1] pixel space of the model's input, at its resolution.
 """
@@ -25,7 +25,7 @@ Radii are ℓ2 distances in the [0, 1] pixel space of the model's input, at its 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -33,8 +33,22 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
-from smoothing.sampling import ESTIMATION_STAGE, SELECTION_STAGE, new_seed, sample_counts
-from smoothing.statistics import lower_confidence_bound, probability_for_radius, upper_confidence_bound
+from smoothing.sampling import (
+    ESTIMATION_STAGE,
+    SELECTION_STAGE,
+    Procedure,
+    SampleRequest,
+    model_sampler,
+    new_seed,
+    run,
+)
+from smoothing.statistics import (
+    certified_radius,
+    check_alpha,
+    lower_confidence_bound,
+    probability_for_radius,
+    upper_confidence_bound,
+)
 
 DEFAULT_N_MAX = 100_000
 DEFAULT_FIRST_LOOK = 100
@@ -53,15 +67,6 @@ DEFAULT_TOLERANCE = 0.02
 # so than the radius test's futility projection (which must not lose agreement with fixed n).
 DEFAULT_PROJECTION_ALPHA = 0.05
 R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class SampleRequest:
-    """Count the base classifier on samples [start, stop) of noise stream ``stage``."""
-
-    stage: int
-    start: int
-    stop: int
 
 
 @dataclass(frozen=True)
@@ -129,10 +134,6 @@ def max_certifiable_radius(n_max: int, alpha_per_look: float, sigma: float) -> f
     return float(sigma * norm.ppf(alpha_per_look ** (1.0 / n_max)))
 
 
-def _radius(p_a_lower: float, sigma: float) -> float:
-    return float(sigma * norm.ppf(p_a_lower)) if p_a_lower > 0.5 else 0.0
-
-
 def _best_reachable_lower_bound(count_a: int, n: int, n_max: int, alpha_look: float, futility_alpha: float) -> float:
     """The final-look bound if p_A were as high as its (1 - futility_alpha) upper bound: a
     plausible best case for continuing to n_max."""
@@ -163,9 +164,7 @@ class _Look:
         return int(self.estimation[self.top])
 
 
-def _staged(
-    n0: int, looks: tuple[int, ...], stop: Callable[[_Look], R | None]
-) -> Generator[SampleRequest, torch.Tensor, R]:
+def _staged(n0: int, looks: tuple[int, ...], stop: Callable[[_Look], R | None]) -> Procedure[R]:
     """Selection from n0 samples, then estimation samples up to each look until ``stop`` returns a
     result (every stop rule must return one at the last look, n_max)."""
     selection = yield SampleRequest(SELECTION_STAGE, 0, n0)
@@ -188,7 +187,7 @@ def radius_test(
     n_max: int = DEFAULT_N_MAX,
     first_look: int = DEFAULT_FIRST_LOOK,
     futility_alpha: float = DEFAULT_FUTILITY_ALPHA,
-) -> Generator[SampleRequest, torch.Tensor, RadiusDecision]:
+) -> Procedure[RadiusDecision]:
     """Decide whether g(x) = ĉA with radius ≥ ``radius``: reject p_A ≤ Φ(r/σ) at level α.
 
     Selection: ĉA from n0 samples. Estimation: looks at ``look_schedule(n_max)``; certified as
@@ -196,8 +195,7 @@ def radius_test(
     the optimistic projection to n_max cannot exceed it. When r exceeds what n_max samples can
     ever certify at level α/K, answers "infeasible" without sampling.
     """
-    if not 0.0 < alpha < 0.5:
-        raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
+    check_alpha(alpha)
     looks = look_schedule(n_max, first_look)
     alpha_look = alpha / len(looks)
     threshold = max(0.5, probability_for_radius(radius, sigma))
@@ -242,7 +240,7 @@ def adaptive_certify(
     tolerance: float = DEFAULT_TOLERANCE,
     first_look: int = DEFAULT_FIRST_LOOK,
     projection_alpha: float = DEFAULT_PROJECTION_ALPHA,
-) -> Generator[SampleRequest, torch.Tensor, AdaptiveCertificate]:
+) -> Procedure[AdaptiveCertificate]:
     """CERTIFY with an input-specific sample size.
 
     After each look the radius is σ·Φ⁻¹(p̲A) with p̲A at level α/K; sampling stops once n_max
@@ -251,8 +249,7 @@ def adaptive_certify(
     when p̲A ≤ 1/2 at the stopping look. Inputs on which every sample agrees keep sampling to
     n_max: their radius grows with n until then.
     """
-    if not 0.0 < alpha < 0.5:
-        raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
+    check_alpha(alpha)
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     looks = look_schedule(n_max, first_look)
@@ -260,9 +257,9 @@ def adaptive_certify(
 
     def stop(look: _Look) -> AdaptiveCertificate | None:
         p_a_lower = lower_confidence_bound(look.count_a, look.n, alpha_look)
-        radius = _radius(p_a_lower, sigma)
+        radius = certified_radius(p_a_lower, sigma)
         best = _best_reachable_lower_bound(look.count_a, look.n, n_max, alpha_look, projection_alpha)
-        if look.n < n_max and _radius(best, sigma) - radius > tolerance:
+        if look.n < n_max and certified_radius(best, sigma) - radius > tolerance:
             return None
         return AdaptiveCertificate(
             label=look.top if p_a_lower > 0.5 else None,
@@ -281,45 +278,6 @@ def adaptive_certify(
         )
 
     return (yield from _staged(n0, looks, stop))
-
-
-def run(procedure: Generator[SampleRequest, torch.Tensor, R], sample: Callable[[SampleRequest], torch.Tensor]) -> R:
-    """Drive a procedure with a synchronous sampler that returns class counts for a request."""
-    try:
-        request = next(procedure)
-        while True:
-            request = procedure.send(sample(request))
-    except StopIteration as finished:
-        return finished.value
-
-
-def model_sampler(
-    model: nn.Module,
-    x: torch.Tensor,
-    *,
-    sigma: float,
-    num_classes: int,
-    batch_size: int,
-    seed: int,
-    channels_last: bool = False,
-) -> Callable[[SampleRequest], torch.Tensor]:
-    """A sampler for ``run`` that counts ``model`` on x + N(0, σ²I) from the seeded noise streams."""
-
-    def sample(request: SampleRequest) -> torch.Tensor:
-        return sample_counts(
-            model,
-            x,
-            request.stop - request.start,
-            sigma=sigma,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            seed=seed,
-            stage=request.stage,
-            start=request.start,
-            channels_last=channels_last,
-        )
-
-    return sample
 
 
 def certify_radius(

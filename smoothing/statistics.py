@@ -40,9 +40,20 @@ def two_sided_p_value(n_a: int, n_b: int) -> float:
     return min(1.0, 2.0 * float(bdtrc(max(n_a, n_b) - 1, n, 0.5)))
 
 
+def check_alpha(alpha: float) -> None:
+    """Raise ValueError unless α lies in (0, 0.5), the levels at which PREDICT and CERTIFY are defined."""
+    if not 0.0 < alpha < 0.5:
+        raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
+
+
 def radius_from_lower_bound(p_a_lower: float, sigma: float) -> float:
     """Certified ℓ2 radius σ·Φ⁻¹(p̲A) of Theorem 1 with p̄B = 1 - p̲A (same units as σ)."""
     return float(sigma * norm.ppf(p_a_lower))
+
+
+def certified_radius(p_a_lower: float, sigma: float) -> float:
+    """The radius a bound certifies: σ·Φ⁻¹(p̲A) when p̲A > 1/2, else 0 (CERTIFY abstains)."""
+    return radius_from_lower_bound(p_a_lower, sigma) if p_a_lower > 0.5 else 0.0
 
 
 def probability_for_radius(radius: float, sigma: float) -> float:

@@ -65,12 +65,12 @@ class DeadlineExceeded(Exception):
 
 @dataclass(eq=False)
 class WorkItem:
-    """Count the base classifier's predictions on samples [start, start + num) of stream (seed, stage) around x."""
+    """Count the base classifier's predictions on samples [start, start + num) of stream (key, stage) around x."""
 
     model_id: str
     x: torch.Tensor  # (C, H, W) in [0, 1], on the model's device
     sigma: float
-    seed: int
+    key: int  # the request's noise stream key (smoothing.sampling.stream_key)
     stage: int
     num: int
     num_classes: int
@@ -111,7 +111,7 @@ class Scheduler:
         self,
         *,
         max_pending_samples: int,
-        chunk_size: int = 4 * NOISE_BLOCK,
+        chunk_size: int = NOISE_BLOCK,
         batch_delay_s: float = 0.0,
         shares: Mapping[Priority, float] = DEFAULT_SHARES,
     ) -> None:
@@ -232,7 +232,7 @@ class Scheduler:
                         break
                     size = min(self.chunk_size, item.undispatched, room)
                     first = item.start + item.dispatched
-                    chunks.append(Chunk(item.x, item.sigma, item.seed, item.stage, first, first + size))
+                    chunks.append(Chunk(item.x, item.sigma, item.key, item.stage, first, first + size))
                     items.append(item)
                     item.dispatched += size
                     item.first_dispatch = item.first_dispatch or time.monotonic()

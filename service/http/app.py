@@ -39,6 +39,7 @@ from service.jobs.store import RedisJobStore, SqliteJobStore
 from service.jobs.uploads import DecodeBudget, UploadError
 from service.messages import MAX_DETAIL, MAX_SHOWN, clipped, shown
 from service.settings import Settings
+from service.signing import load_private_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +62,8 @@ async def in_passing_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    # Before the minutes of model loading: a bad key file fails the start at once.
+    signing_key = None if settings.signing_key_file is None else load_private_key(settings.signing_key_file)
     device = pick_device(settings.device)
     # Loading measures each model's best batch size (seconds of forward passes): keep it off the event loop,
     # on a thread that then exits, taking its OpenMP team with it (see service.engine.executor).
@@ -89,7 +92,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     jobs = JobRunner(store, engine)
     await jobs.start()
     uploads = DecodeBudget(settings.max_decoding_bytes)
-    app.state.services = Services(settings, scheduler, executor, engine, cache, jobs, uploads)
+    app.state.services = Services(settings, scheduler, executor, engine, cache, jobs, uploads, signing_key)
     log.info("serving %s on %s", ", ".join(models), device)
     try:
         yield

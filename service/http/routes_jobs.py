@@ -42,7 +42,8 @@ def job_not_found(job_id: str) -> HTTPException:
     response_model=JobCreated,
     summary="Start certifying a set of images",
     description="Upload a zip or tar of images, or an .npz holding `images` (N,H,W), (N,H,W,C) or (N,C,H,W) and "
-    "optional `labels`; every image is certified with n0, n and α. Answers 202 with the job's id and URLs.",
+    "optional `labels`; every image is certified with n0, n and α in the given mode (as /v1/certify). "
+    "Answers 202 with the job's id and URLs.",
     openapi_extra=JOB_FORM_DOC,
 )
 async def create_job(request: Request, caller: Caller) -> JSONResponse:
@@ -67,7 +68,18 @@ async def create_job(request: Request, caller: Caller) -> JSONResponse:
         budget=svc.uploads,
     )
     try:
-        job_id = await svc.jobs.create(caller, parsed, loaded.manifest.id, n0, n, alpha, seed)
+        job_id = await svc.jobs.create(
+            caller,
+            parsed,
+            loaded.manifest.id,
+            n0,
+            n,
+            alpha,
+            seed,
+            mode=params.mode,
+            radius=params.radius,
+            tolerance=params.tolerance,
+        )
     except ValueError as e:  # inputs that parse_upload let through but the runner refuses
         raise HTTPException(422, str(e)) from None
     status_url = f"/v1/jobs/{job_id}"

@@ -17,6 +17,13 @@ RADIUS_UNITS = (
     "holds for every perturbation δ of the decoded, possibly resized, input with ‖δ‖₂ < radius."
 )
 
+GUARANTEE = (
+    "What the guarantee covers: one answer computed from fresh randomness is wrong with probability at most α. "
+    "The best of k tries (k seeds, or k requests) is not: it can be wrong with probability up to k·α. Answers from "
+    "server randomness are cached and shared (asking again returns the stored answer); answers from a client's "
+    "seed are for reproducibility only and never cached."
+)
+
 
 class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong, in one sentence")
@@ -36,8 +43,11 @@ class CommonParams(BaseModel):
         None,
         ge=0,
         lt=2**63,
-        description="seed of the noise; the same seed gives the same samples as the library's predict/certify. "
-        "Default: a fresh random seed, returned in the answer",
+        description="seed of the noise, for reproducing an answer: the same seed and input give the same samples "
+        "as the library's predict/certify. An answer from a client's seed is never cached nor taken from the cache "
+        "(seed_source='client'). Its guarantee holds only if the seed was chosen before seeing any answer: the "
+        "best of k tries with different seeds is wrong with probability up to k·α. Default: a fresh seed drawn by "
+        "the server (seed_source='server'), returned in the answer",
     )
     resize: bool = Field(
         False, description="resample an image or array of another height/width to the model's (bilinear)"
@@ -120,12 +130,20 @@ class CertifyJson(ImageInput, CertifyParams):
 class Answer(BaseModel):
     model: str = Field(description="id of the model that answered")
     checkpoint_sha256: str = Field(description="sha256 of the model's weights file")
+    manifest_digest: str = Field(description="sha256 of the model's manifest content (weights' sha256 included)")
+    precision: str = Field(description="arithmetic the base classifier ran in: float32, or the autocast dtype")
+    procedure: str = Field(description="version of the server's procedure constants (changes when one changes)")
+    input_digest: str = Field(description="sha256 of the decoded input's float32 pixels and shape")
     label: int | None = Field(description="predicted class index; null when the answer abstained")
     class_name: str | None = Field(description="name of the predicted class; null when abstained")
     abstained: bool
     alpha: float
     sigma: float = Field(description="σ of the Gaussian noise, in [0, 1] pixel units (the model's own)")
     seed: int = Field(description="seed whose noise samples produced this answer (on a cache hit: the original's)")
+    seed_source: Literal["server", "client"] = Field(
+        description="'server': fresh randomness drawn by the server (cacheable, shared); 'client': the request's seed "
+        "(never cached)"
+    )
     cached: bool = Field(description="true when the answer came from the certificate cache")
     queued_s: float = Field(description="seconds the request's samples waited for the device")
     compute_s: float = Field(description="seconds from the first forward pass to the last, summed over phases")
@@ -157,6 +175,12 @@ class CertifyResponse(Answer):
     )
     max_certifiable_radius: float | None = Field(
         None, description="adaptive decision mode: the largest radius n_max samples could ever certify"
+    )
+    signed_at: str | None = Field(None, description="UTC time (ISO 8601) the certificate was computed and signed")
+    signature: str | None = Field(
+        None,
+        description="base64 Ed25519 signature of the certificate's signed fields (service.signing.canonical_payload); "
+        "null when the service has no signing key. Verify with GET /v1/signing-key's public key",
     )
 
 
@@ -212,3 +236,16 @@ class JobParams(BaseModel):
     )
     alpha: float | None = Field(None, gt=0, lt=0.5, description="failure probability per image; default 0.001")
     seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed of the job; default: a fresh random one")
+    mode: Literal["fixed", "adaptive"] = Field("fixed", description="as for POST /v1/certify, for every image")
+    radius: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="as for POST /v1/certify: each row gets certified_at_radius"
+    )
+    tolerance: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="as for POST /v1/certify (adaptive mode without radius)"
+    )
+
+
+class SigningKey(BaseModel):
+    algorithm: str = Field(description="signature scheme: Ed25519 over service.signing.canonical_payload")
+    key_id: str = Field(description="first 16 hex digits of the SHA-256 of the raw public key")
+    public_key_pem: str = Field(description="the public key, SubjectPublicKeyInfo PEM")

@@ -59,6 +59,9 @@ class JobRecord:
     created: float = 0.0  # unix seconds
     updated: float = 0.0
     error: str | None = None
+    mode: str = "fixed"  # smoothing.procedures.Question mode: 'fixed', 'radius' or 'adaptive'
+    radius: float | None = None  # the target radius ('radius'; in 'fixed' it only adds a verdict per row)
+    tolerance: float | None = None  # 'adaptive' only
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, owner TEXT, model_id TEXT NOT NULL, n0 INTEGER NOT NULL, n INTEGER NOT NULL,
     alpha REAL NOT NULL, seed INTEGER NOT NULL, total INTEGER NOT NULL, state TEXT NOT NULL,
-    created REAL NOT NULL, updated REAL NOT NULL, error TEXT
+    created REAL NOT NULL, updated REAL NOT NULL, error TEXT,
+    mode TEXT NOT NULL DEFAULT 'fixed', radius REAL, tolerance REAL
 );
 CREATE TABLE IF NOT EXISTS job_inputs (job_id TEXT PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS job_results (
@@ -130,7 +134,9 @@ CREATE TABLE IF NOT EXISTS job_results (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 """
-_JOB_COLUMNS = "id, owner, model_id, n0, n, alpha, seed, total, state, created, updated, error"
+_JOB_COLUMNS = "id, owner, model_id, n0, n, alpha, seed, total, state, created, updated, error, mode, radius, tolerance"
+# Columns added after the first release, for files written by it: (name, declaration).
+_ADDED_COLUMNS = (("mode", "TEXT NOT NULL DEFAULT 'fixed'"), ("radius", "REAL"), ("tolerance", "REAL"))
 _ACTIVE_SQL = "('queued', 'running')"
 
 
@@ -144,6 +150,10 @@ class SqliteJobStore:
         self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
         self._db.executescript(_SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, declaration in _ADDED_COLUMNS:
+            if name not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         def locked() -> T:
@@ -307,6 +317,9 @@ class RedisJobStore:
             created=float(f["created"]),
             updated=float(f["updated"]),
             error=f.get("error"),
+            mode=f.get("mode", "fixed"),
+            radius=float(f["radius"]) if "radius" in f else None,
+            tolerance=float(f["tolerance"]) if "tolerance" in f else None,
         )
 
     async def inputs(self, job_id: str) -> ParsedUpload | None:

@@ -145,11 +145,13 @@ def test_concurrent_answers_match_the_library(server: str, plan: InferencePlan) 
 
 def test_certificate_cache_lives_in_redis(server: str, redis_db: redis.Redis) -> None:
     pixels = pixels_of(42)
-    first = post(server, "certify", pixels, {"n0": 32, "n": 128, "seed": 1})
-    assert first["cached"] is False
+    seeded = post(server, "certify", pixels, {"n0": 32, "n": 128, "seed": 1})
+    assert seeded["cached"] is False and not any(redis_db.scan_iter())  # a client's seed is never cached
+    first = post(server, "certify", pixels, {"n0": 32, "n": 128})
+    assert first["cached"] is False and first["seed_source"] == "server"
     assert any(key.startswith(b"certserve:cert:") for key in redis_db.scan_iter())
-    again = post(server, "certify", pixels, {"n0": 32, "n": 128, "seed": 2})
-    assert again["cached"] is True and again["seed"] == 1
+    again = post(server, "certify", pixels, {"n0": 32, "n": 128})
+    assert again["cached"] is True and again["seed"] == first["seed"]
     assert again["estimation_counts"] == first["estimation_counts"] and again["radius"] == first["radius"]
     ready = httpx.get(f"{server}/readyz").json()
     assert ready["checks"]["redis"] is True

@@ -36,7 +36,7 @@ def work_item(model_id: str, num: int) -> WorkItem:
         model_id=model_id,
         x=torch.zeros(1, 4, 4),
         sigma=0.25,
-        seed=0,
+        key=0,
         stage=0,
         num=num,
         num_classes=10,
@@ -89,9 +89,9 @@ def test_record_batch_counts_samples_and_passes() -> None:
 
 def test_record_certificate_counts_abstentions_and_radius_of_the_rest() -> None:
     model = "metrics-certify"
-    metrics.record_certificate(model, certificate(2, 0.7), 1.5, Timing(queued_s=0.25, compute_s=1.2))
-    metrics.record_certificate(model, certificate(None, 0.0), 3.0, Timing(queued_s=0.5, compute_s=2.4))
-    metrics.record_certificate(model, certificate(2, 0.7), 0.004, None)  # a cache hit: no queue wait
+    metrics.record_certificate(model, 2 == None, 0.7, 1.5, Timing(queued_s=0.25, compute_s=1.2))
+    metrics.record_certificate(model, None is None, 0.0, 3.0, Timing(queued_s=0.5, compute_s=2.4))
+    metrics.record_certificate(model, 2 == None, 0.7, 0.004, None)  # a cache hit: no queue wait
 
     assert value("certserve_certifications_total", model=model) == 3
     assert value("certserve_abstentions_total", endpoint="certify", model=model) == 1
@@ -109,7 +109,7 @@ def test_record_certificate_counts_abstentions_and_radius_of_the_rest() -> None:
 
 def test_record_certificate_endpoint_label() -> None:
     model = "metrics-job"
-    metrics.record_certificate(model, certificate(None, 0.0), 9.0, Timing(), endpoint="job")
+    metrics.record_certificate(model, None is None, 0.0, 9.0, Timing(), endpoint="job")
     assert value("certserve_abstentions_total", endpoint="job", model=model) == 1
     assert value("certserve_abstentions_total", endpoint="certify", model=model) == 0
     assert value("certserve_request_latency_seconds_count", endpoint="job", model=model) == 1

@@ -14,7 +14,7 @@ def item(num: int, priority: Priority, seed: int = 0, model_id: str = MODEL) -> 
         model_id=model_id,
         x=torch.zeros(1, 2, 2),
         sigma=0.5,
-        seed=seed,
+        key=seed,
         stage=1,
         num=num,
         num_classes=3,

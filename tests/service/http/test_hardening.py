@@ -134,3 +134,18 @@ def test_options_and_405_list_every_method_of_a_path(client: TestClient) -> None
     wrong = client.put("/v1/jobs/some-id")
     assert wrong.status_code == 405 and wrong.headers["allow"] == "GET, DELETE, OPTIONS"
     assert "DELETE" in wrong.json()["detail"]
+
+
+def test_the_shared_cache_gives_another_tenant_no_client_seed(make_settings: Callable[..., Settings]) -> None:
+    """Certificates are shared across API keys by design (README): only server-seeded ones, whose seed is
+    no one's secret. A seed a tenant chose is never stored, so another tenant cannot learn it."""
+    with TestClient(create_app(make_settings(api_keys=["tenant-a", "tenant-b"]))) as keyed:
+        a = {"Authorization": "Bearer tenant-a"}
+        b = {"Authorization": "Bearer tenant-b"}
+        fields = {"n0": "16", "n": "64"}
+        chosen = keyed.post("/v1/certify", files=png(), data={**fields, "seed": "424242"}, headers=a).json()
+        assert chosen["seed"] == 424242 and chosen["seed_source"] == "client"
+        other = keyed.post("/v1/certify", files=png(), data=fields, headers=b).json()
+        assert not other["cached"] and other["seed"] != 424242 and other["seed_source"] == "server"
+        shared = keyed.post("/v1/certify", files=png(), data=fields, headers=a).json()  # B's, shared
+        assert shared["cached"] and shared["seed"] == other["seed"] and shared["seed_source"] == "server"

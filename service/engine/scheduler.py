@@ -8,13 +8,14 @@ round-robin inside a class, one chunk per item per turn. A 100,000-sample certif
 therefore never blocks a 100-sample prediction that arrives after it.
 
 Classes share the device by weight while they have work (weighted fair queueing in samples): each
-class's samples served are counted divided by its share, and the class with work and the least
-weighted service leads the next batch, ties going to the more urgent class. So under any flood of
-predictions, certifications and jobs still get at least their share of the samples (DEFAULT_SHARES,
-settable), and a class that was idle comes back level with the others rather than with saved-up
-credit: a prediction arriving after a quiet spell leads the very next batch. A batch led by PREDICT
-work holds PREDICT work only: a prediction waits for at most the batch in flight, then runs in a batch of its own size
-instead of a full one. And for ``INTERACTIVE_WINDOW_S`` after PREDICT work arrives, every batch
+class's samples served are counted divided by its share (its weighted service). The most urgent
+class with work leads the next batch unless it is more than ``FAIR_BURST`` weighted samples ahead
+of the least-served class with work, which then leads. So a prediction is served in the next
+batch as under strict priority, while a flood of predictions still leaves certifications and jobs
+at least their share of the samples (DEFAULT_SHARES, settable). A class that was idle comes back
+level with the busy ones, without saved-up credit; a debt it ran up stays. A batch led by PREDICT
+work holds PREDICT work only: a prediction waits for at most the batch in flight, then runs in a
+batch of its own size instead of a full one. And for ``INTERACTIVE_WINDOW_S`` after PREDICT work arrives, every batch
 is the model's interactive size (the smallest near its best throughput, smoothing.tuning) rather
 than its fastest, so that the batch in flight is short too (bench/findings.md).
 
@@ -49,6 +50,9 @@ class Priority(IntEnum):
 
 DEFAULT_SHARES: dict[Priority, float] = {Priority.PREDICT: 0.6, Priority.CERTIFY: 0.3, Priority.JOB: 0.1}
 """Fraction of the device's samples each class is guaranteed while every class has work (normalised to sum 1)."""
+FAIR_BURST = 10_000.0
+"""Weighted samples (samples ÷ share) a more urgent class may run ahead of the least-served one before yielding:
+6,000 samples of predictions at the default share, a bound on how far the shares may be off at any moment."""
 
 
 class QueueFull(Exception):
@@ -146,10 +150,8 @@ class Scheduler:
                 retry = max(1, round(self._pending / self._samples_per_s))
                 raise QueueFull(self._pending, self.max_pending_samples, retry)
             self._pending += item.num
-            if not self._has_work(item.priority):  # back from idle: level with the busy classes, no saved credit
-                busy = [self._weighted_service[p] for p in Priority if self._has_work(p)]
-                if busy:
-                    self._weighted_service[item.priority] = max(self._weighted_service[item.priority], min(busy))
+            if not self._has_work(item.priority):  # back from idle: level with the others, no saved-up credit
+                self._weighted_service[item.priority] = max(self._weighted_service[item.priority], self._level())
             self._queues[item.priority].append(item)
             if item.priority == Priority.PREDICT:
                 self._interactive_until = time.monotonic() + INTERACTIVE_WINDOW_S
@@ -206,15 +208,23 @@ class Scheduler:
 
     # -- internals (call with the lock held) --------------------------------------------------
 
+    def _level(self) -> float:
+        """Where a class coming back from idle starts: the least-served busy class's weighted service, or with
+        none busy the most-served class's (what the device did meanwhile is owed by nobody)."""
+        busy = [self._weighted_service[p] for p in Priority if self._has_work(p)]
+        return min(busy) if busy else max(self._weighted_service.values())
+
     def _has_work(self, priority: Priority) -> bool:
         return any(i.undispatched > 0 for i in self._queues[priority])
 
     def _most_urgent(self) -> WorkItem | None:
-        """The oldest item of the class with work that has had the least weighted service (ties: most urgent)."""
+        """The oldest item of the most urgent class with work that is at most FAIR_BURST weighted samples ahead
+        of the least-served class with work."""
         busy = [p for p in Priority if self._has_work(p)]
         if not busy:
             return None
-        lead_class = min(busy, key=lambda p: (self._weighted_service[p], p))
+        least = min(self._weighted_service[p] for p in busy)
+        lead_class = next(p for p in busy if self._weighted_service[p] <= least + FAIR_BURST)
         return min((i for i in self._queues[lead_class] if i.undispatched > 0), key=lambda i: i.arrival)
 
     def _fill(self, model_id: str, batch_size: int, classes: list[Priority]) -> Batch:

@@ -31,9 +31,11 @@ class Drain:
         self._answer_now: asyncio.Future[None] | None = None
 
     def answer_now(self) -> asyncio.Future[None]:
-        """A future that resolves when running requests must be answered (never, until ``begin``)."""
-        if self._answer_now is None:
-            self._answer_now = asyncio.get_running_loop().create_future()
+        """A future of the running loop that resolves when running requests must be answered (never, until
+        ``begin``); a new loop (a test client's) gets its own."""
+        loop = asyncio.get_running_loop()
+        if self._answer_now is None or self._answer_now.get_loop() is not loop:
+            self._answer_now = loop.create_future()
         return self._answer_now
 
     def begin(self, grace_s: float) -> None:

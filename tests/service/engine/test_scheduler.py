@@ -71,7 +71,7 @@ def test_completing_a_batch_resolves_finished_items_with_their_counts() -> None:
     assert scheduler.pending_samples == 0
 
 
-def served_under_a_predict_flood(scheduler: Scheduler, batches: int = 300) -> dict[Priority, int]:
+def served_under_a_predict_flood(scheduler: Scheduler, batches: int = 1000) -> dict[Priority, int]:
     """Samples per class over ``batches`` batches while predictions never stop coming (20 always queued)."""
     scheduler.submit(item(10**7, Priority.CERTIFY, seed=1))
     scheduler.submit(item(10**7, Priority.JOB, seed=2))
@@ -104,6 +104,16 @@ def test_shares_are_settable_and_normalised() -> None:
     assert served[Priority.JOB] >= 0.9 * 0.5 * total, served
 
 
+def test_a_sequential_predict_client_is_served_next_while_certify_saturates() -> None:
+    scheduler = Scheduler(max_pending_samples=10**9)
+    for seed in range(4):
+        scheduler.submit(item(10**7, Priority.CERTIFY, seed=seed))
+    for step in range(200):  # one prediction at a time, a certify batch in between: strict priority's latency
+        scheduler.submit(item(100, Priority.PREDICT, seed=100 + step))
+        assert {i.priority for i in batch_of(scheduler).items} == {Priority.PREDICT}
+        assert {i.priority for i in batch_of(scheduler).items} == {Priority.CERTIFY}
+
+
 def test_a_class_back_from_idle_leads_the_next_batch_without_saved_credit() -> None:
     scheduler = Scheduler(max_pending_samples=10**9)
     scheduler.submit(item(10**6, Priority.CERTIFY, seed=1))
@@ -111,7 +121,7 @@ def test_a_class_back_from_idle_leads_the_next_batch_without_saved_credit() -> N
         scheduler.complete(batch := batch_of(scheduler), torch.zeros(len(batch.chunks), 3, dtype=torch.long), 0.01)
     scheduler.submit(item(100, Priority.PREDICT, seed=2))
     assert {i.priority for i in batch_of(scheduler).items} == {Priority.PREDICT}  # served at once
-    for step in range(30):  # then a predict flood: certify is not starved by predict's idle time
+    for step in range(300):  # then a predict flood: it leads at first (its burst), then certify gets its turns
         scheduler.submit(item(100, Priority.PREDICT, seed=3 + step))
-    leads = [batch_of(scheduler).items[0].priority for _ in range(12)]
-    assert Priority.CERTIFY in leads, leads
+    leads = [batch_of(scheduler).items[0].priority for _ in range(60)]
+    assert leads[:5] == [Priority.PREDICT] * 5 and Priority.CERTIFY in leads, leads

@@ -253,8 +253,9 @@ def _redacted(url: str) -> str:
 
 
 def make_cache(settings: Settings) -> Cache:
-    """RedisCache when ``settings.redis_url`` is set, else an LruCache of ``settings.cache_size`` entries;
-    both keep entries for ``settings.cache_ttl_s`` seconds."""
-    if settings.redis_url:
-        return RedisCache(settings.redis_url, settings.cache_ttl_s)
+    """RedisCache at ``settings.cache_redis_url`` or else ``settings.redis_url`` when one is set, else an
+    LruCache of ``settings.cache_size`` entries; both keep entries for ``settings.cache_ttl_s`` seconds."""
+    url = settings.cache_redis_url or settings.redis_url
+    if url:
+        return RedisCache(url, settings.cache_ttl_s)
     return LruCache(settings.cache_size, ttl_s=settings.cache_ttl_s)

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="e.g. redis://127.0.0.1:6379/0; unset = in-process cache and SQLite jobs"
     )
+    cache_redis_url: str | None = Field(
+        None,
+        description="a Redis of its own for the certificate cache (an LRU policy and a memory cap); "
+        "unset = the cache lives in redis_url beside the jobs",
+    )
     cache_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="certificate cache time-to-live")
     cache_size: int = Field(10_000, gt=0, description="entries of the in-process LRU cache (no Redis)")
     job_db: Path = Field(Path("state/jobs.sqlite3"), description="SQLite job store when Redis is not configured")

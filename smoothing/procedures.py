@@ -15,12 +15,20 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from smoothing.confseq import DEFAULT_PRIOR_B
 from smoothing.core import Certificate, Prediction, certify_procedure, predict_procedure
+from smoothing.looks import (
+    CHECK_FRACTION,
+    DEFAULT_BOUND,
+    DEFAULT_CHECK_EVERY,
+    DEFAULT_FIRST_LOOK,
+    DEFAULT_GROWTH,
+    FINE_GROWTH,
+    FIRST_CHUNK,
+)
 from smoothing.sampling import NOISE_BLOCK, NOISE_SCHEME, Procedure
 from smoothing.sequential import (
-    DEFAULT_FIRST_LOOK,
     DEFAULT_FUTILITY_ALPHA,
-    DEFAULT_GROWTH,
     DEFAULT_PROJECTION_ALPHA,
     DEFAULT_TOLERANCE,
     AdaptiveCertificate,
@@ -34,8 +42,14 @@ Mode = Literal["predict", "fixed", "radius", "adaptive"]
 Result = Prediction | Certificate | RadiusDecision | AdaptiveCertificate
 
 PROCEDURE_CONSTANTS: dict[str, Any] = {
+    "bound": DEFAULT_BOUND,
+    "first_chunk": FIRST_CHUNK,
+    "check_every": DEFAULT_CHECK_EVERY,
+    "check_fraction": CHECK_FRACTION,
+    "confseq_prior_b": DEFAULT_PRIOR_B,
     "first_look": DEFAULT_FIRST_LOOK,
     "growth": DEFAULT_GROWTH,
+    "fine_growth": FINE_GROWTH,
     "futility_alpha": DEFAULT_FUTILITY_ALPHA,
     "projection_alpha": DEFAULT_PROJECTION_ALPHA,
     "noise_block": NOISE_BLOCK,

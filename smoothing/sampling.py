@@ -16,7 +16,6 @@ and receive the class counts of those samples; ``run`` drives one with a synchro
 from __future__ import annotations
 
 import hashlib
-import math
 import secrets
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ SELECTION_STAGE = 0
 ESTIMATION_STAGE = 1
 """Stream id of CERTIFY's (and PREDICT's) estimation samples; independent of the selection stream."""
 
-NOISE_SCHEME = "sfc64-boxmuller-f32/cuda-philox"
+NOISE_SCHEME = "mt19937-state-from-sfc64/cuda-philox"
 """Names the noise construction below; part of the procedure constants (a change changes cache keys)."""
 
 R = TypeVar("R")
@@ -76,28 +75,50 @@ def stream_key(seed: int, x: torch.Tensor) -> int:
     return derive_seed("stream", seed, input_digest(x), bits=128)
 
 
+def _mt19937_template() -> np.ndarray:
+    """The byte layout of PyTorch's CPU generator state (mt19937), checked once: a state seeded with 0.
+
+    The state is 8 bytes of initial seed, int ``left``, int ``seeded``, 8 bytes ``next``, then the 624
+    mt19937 words as uint64 from byte 24, then the cached normal samples. ``block_noise`` overwrites
+    the 624 words; if a PyTorch release changes the layout this check fails loudly rather than
+    letting a block's noise ignore its key.
+    """
+    generator = torch.Generator()
+    generator.manual_seed(0)
+    state = generator.get_state().numpy().copy()
+    words = state[_MT_WORDS].view(np.uint64)
+    # mt19937's seeding recurrence from 0: word 0 is 0, word 1 is 1812433253·0 + 1 = 1, word 2 = 1812433253·1 + 2.
+    if state.size != 5056 or words[0] != 0 or words[1] != 1 or words[2] != 1812433255:
+        raise RuntimeError(f"unexpected torch.Generator state layout (PyTorch {torch.__version__}); see block_noise")
+    return state
+
+
+_MT_WORDS = slice(24, 24 + 624 * 8)
+_MT_LEFT = slice(8, 12)
+_MT_TEMPLATE = _mt19937_template()
+
+
 def block_noise(key: int, stage: int, block: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Standard normal noise of one block: float32 tensor (NOISE_BLOCK, *shape) on ``device``.
 
-    CPU: uniforms from NumPy's SFC64 seeded by a SeedSequence of the 128-bit block key (PyTorch's
-    CPU generator would keep only 32 bits of a seed), turned into normals by Box–Muller in torch
-    (vectorized; measured as fast as torch.randn's own seeded blocks). Like torch.randn's CPU
-    kernel, the uniforms are float32, so a coordinate never exceeds ±5.8: the normal mass beyond
-    is 8e-9 per coordinate. CUDA: PyTorch's Philox generator, which takes the full 64-bit seed.
+    The block's generator is keyed by 128 bits, ``derive_seed(key, stage, block)``. CPU: PyTorch's
+    mt19937 generator, whose ``manual_seed`` keeps only 32 bits (two blocks of one request would
+    collide with probability ≈ B²/2³³), so its whole 624-word state is filled instead from NumPy's
+    SFC64 seeded by a SeedSequence of the 128-bit key, and torch.randn then draws as fast as ever
+    (measured: NumPy's own normals, or Box–Muller in torch, cost twice as much). CUDA: PyTorch's
+    Philox generator, which takes a full 64-bit seed.
     """
     block_key = derive_seed("block", key, stage, block, bits=128)
-    count = NOISE_BLOCK * math.prod(shape)
+    generator = torch.Generator(device=device)
     if device.type == "cuda":
-        generator = torch.Generator(device=device)
         generator.manual_seed(block_key >> 64)
-        return torch.randn((NOISE_BLOCK, *shape), generator=generator, device=device)
-    rng = np.random.Generator(np.random.SFC64(np.random.SeedSequence(block_key)))
-    half = count // 2 + count % 2
-    uniforms = torch.from_numpy(rng.random(2 * half, dtype=np.float32))
-    radius = uniforms[:half].neg_().log1p_().mul_(-2.0).sqrt_()  # sqrt(-2 ln(1 - u)), 1 - u in (0, 1]
-    angle = uniforms[half:].mul_(2.0 * math.pi)
-    noise = torch.cat((radius * torch.cos(angle), radius.mul_(torch.sin_(angle))))[:count]
-    return noise.view(NOISE_BLOCK, *shape).to(device)
+    else:
+        state = _MT_TEMPLATE.copy()
+        words = np.random.SFC64(np.random.SeedSequence(block_key)).random_raw(624) & 0xFFFFFFFF
+        state[_MT_WORDS].view(np.uint64)[:] = words
+        state[_MT_LEFT].view(np.int32)[0] = 1  # the next draw regenerates (twists) the state first
+        generator.set_state(torch.from_numpy(state))
+    return torch.randn((NOISE_BLOCK, *shape), generator=generator, device=device)
 
 
 def stream_noise(

@@ -73,7 +73,8 @@ class CertifyParams(CommonParams):
     mode: Literal["fixed", "adaptive"] = Field(
         "fixed",
         description="'fixed': the paper's CERTIFY with exactly n estimation samples. 'adaptive': samples in "
-        "growing stages up to n and stops early, with the same guarantee (union bound over the stages): without "
+        "chunks up to n and stops early, with the same guarantee (an anytime-valid confidence sequence for p_A, "
+        "checked after every chunk): without "
         "`radius`, once more samples could not raise the radius by more than `tolerance`; with `radius`, once it "
         "is decided whether the input is certified at that radius",
     )
@@ -159,8 +160,8 @@ class CertifyResponse(Answer):
     mode: Literal["fixed", "adaptive"] = Field(description="which procedure ran")
     radius: float = Field(description="certified ℓ2 radius in [0, 1] pixel space at the model's input resolution")
     p_a_lower: float = Field(
-        description="one-sided Clopper-Pearson lower bound on the top class's probability (level 1 - α in fixed "
-        "mode, 1 - α/K in adaptive mode with K stages)"
+        description="lower bound on the top class's probability at level 1 - α: one-sided Clopper-Pearson in "
+        "fixed mode, the anytime-valid confidence sequence at the last chunk in adaptive mode"
     )
     top_class: int | None = Field(description="the class chosen from the selection samples (even when abstaining)")
     selection_counts: list[int] = Field(description="class counts of the n0 selection samples")
@@ -184,6 +185,15 @@ class CertifyResponse(Answer):
     )
 
 
+class CertifiableRadius(BaseModel):
+    radius: float = Field(
+        description="the largest ℓ2 radius fixed-mode CERTIFY can certify with n estimation samples at level α: "
+        "σ·Φ⁻¹(α^(1/n)), reached when all n samples agree"
+    )
+    n: int = Field(description="estimation samples (the query's n, default CERTSERVE_DEFAULT_N)")
+    alpha: float = Field(description="α (the query's alpha, default CERTSERVE_DEFAULT_ALPHA)")
+
+
 class ModelInfo(BaseModel):
     id: str
     dataset: str
@@ -200,6 +210,7 @@ class ModelInfo(BaseModel):
     )
     samples_per_second: float = Field(description="measured sampling throughput at that batch size")
     precision: str = Field(description="arithmetic of the base classifier: float32, or the autocast dtype")
+    max_certifiable_radius: CertifiableRadius
 
 
 class ModelList(BaseModel):

@@ -204,6 +204,8 @@ def _is_transient(error: BaseException) -> bool:
 class JobRunner:
     """Runs jobs in this process: ``concurrency`` images in flight per job, at Priority.JOB."""
 
+    backend = "inprocess"  # the job backend label of certserve_job_backlog_images
+
     def __init__(self, store: JobStore, engine: Engine, *, concurrency: int = 8) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -313,7 +315,14 @@ class JobRunner:
         job = await self.store.get(job_id)
         if not _visible(job, owner):
             return None
-        summary = await self.store.summary(job_id)
+        return await self._status(job)
+
+    async def recent(self, owner: str | None, limit: int = 20) -> list[dict]:
+        """The statuses of the newest ``limit`` jobs that ``owner`` (an API key or None) created, newest first."""
+        return [await self._status(job) for job in await self.store.recent(owner_hash(owner), limit)]
+
+    async def _status(self, job: JobRecord) -> dict:
+        summary = await self.store.summary(job.id)
         eta_s = None
         if job.state == "done":
             eta_s = 0.0
@@ -423,12 +432,25 @@ class JobRunner:
                     group.create_task(worker())
         await self.store.set_state(job_id, "done")
 
-    async def _publish_counts(self) -> None:
-        """Set the jobs-by-state gauge from the store (all processes' jobs, not only this one's)."""
+    async def refresh_metrics(self, timeout_s: float = 1.0) -> bool:
+        """Read the job gauges from the store now (at a scrape), waiting at most ``timeout_s``; False if it failed."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._publish_counts()
+        except TimeoutError:
+            log.warning("job counts unavailable: the store did not answer within %.1f s", timeout_s)
+            return False
+
+    async def _publish_counts(self) -> bool:
+        """Set the jobs-by-state and job-backlog gauges from the store (all processes' jobs, not only this
+        one's); False if the store could not be read."""
         try:
             counts = await self.store.count_by_state()
+            backlog = await self.store.backlog()
         except Exception as e:  # a metric is not worth failing a job or a request for
             log.warning("job counts unavailable: %s", e)
-            return
+            return False
         for state, count in counts.items():
             metrics.JOBS.labels(state).set(count)
+        metrics.JOB_BACKLOG.labels(self.backend).set(backlog)
+        return True

@@ -8,10 +8,6 @@ different batch composition rounds a near-tie the other way.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +19,8 @@ import numpy as np
 import pytest
 import redis
 import torch
+from live_server import running_server
 from payloads import encode_image
-from server_process import REPO, free_port, wait_until_ready
 from tiny_model import TINY_CLASSES, TINY_ID, TINY_SIGMA
 
 from models.registry import load_model
@@ -52,35 +48,16 @@ def server(
     tiny_registry: Path, tuning_cache: Path, redis_db: redis.Redis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """The base URL of a running server; on teardown it must shut down cleanly on SIGTERM."""
-    port = free_port()
     env = {
-        **os.environ,
         "CERTSERVE_MODEL_DIR": str(tiny_registry),
         "CERTSERVE_TUNING_CACHE": str(tuning_cache),
         "CERTSERVE_REDIS_URL": REDIS_URL,
         "CERTSERVE_DEVICE": "cpu",
         "CERTSERVE_PRECISION": "float32",
-        "CERTSERVE_PORT": str(port),
         "CERTSERVE_BATCH_DELAY_MS": "5",
     }
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=log, stderr=log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(base, process, log_path)
+    with running_server(env, tmp_path_factory.mktemp("server") / "server.log") as base:
         yield base
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            code = process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-    text = log_path.read_text()
-    # uvicorn shuts down gracefully, then re-raises the signal it caught, so the exit status says SIGTERM.
-    assert code in (0, -signal.SIGTERM), text
-    assert "Application shutdown complete" in text and "Traceback" not in text, text
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from live_server import start_server
 from payloads import encode_image
-from server_process import start_server
 
 pytestmark = pytest.mark.slow  # starting a server process takes several seconds
 

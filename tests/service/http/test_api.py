@@ -350,7 +350,8 @@ def test_health_and_metrics(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert f'certserve_request_latency_seconds_count{{endpoint="predict",model="{TINY_ID}"}}' in text
     assert "certserve_pending_samples 0.0" in text
-    assert f'certserve_batch_samples_bucket{{le="16384.0",model="{TINY_ID}"}}' in text
+    assert f'certserve_batch_samples_bucket{{executor="cpu",le="16384.0",model="{TINY_ID}"}}' in text
+    assert 'certserve_http_responses_total{cause="ok",code="200",route="/v1/predict"}' in text
 
 
 def test_openapi_documents_both_bodies_and_the_radius_units(client: TestClient) -> None:
@@ -475,7 +476,7 @@ def test_predict_finishes_while_a_large_certification_is_in_flight(make_settings
 def test_concurrent_requests_share_forward_passes(client: TestClient) -> None:
     """K requests of 100 samples each (below the scheduler's 128-sample chunk): a forward pass of more than
     128 samples can only have been filled from several requests."""
-    labels = {"model": TINY_ID}
+    labels = {"model": TINY_ID, "executor": "cpu"}
     chunk_size = client.app.state.services.scheduler.chunk_size
     assert chunk_size == 128
     before_all = histogram_count("certserve_batch_samples", labels)

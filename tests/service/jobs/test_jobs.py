@@ -211,6 +211,26 @@ def test_store_contract(make_store) -> None:
     asyncio.run(scenario())
 
 
+def test_recent_lists_an_owners_jobs_newest_first(make_store) -> None:
+    async def scenario() -> None:
+        store = make_store()
+        owners = [owner_hash("a"), owner_hash("b"), owner_hash("a"), None, owner_hash("a")]
+        for i, owner in enumerate(owners):
+            job = JobRecord(
+                id=f"job-{i}", owner=owner, model_id="tiny", n0=1, n=1, alpha=0.01, seed=i, total=1, created=100.0 + i
+            )
+            await store.create(job, random_upload(1))
+        await store.set_state("job-2", "done")
+        mine = await store.recent(owner_hash("a"), 10)
+        assert [job.id for job in mine] == ["job-4", "job-2", "job-0"] and mine[1].state == "done"
+        assert [job.id for job in await store.recent(owner_hash("a"), 2)] == ["job-4", "job-2"]
+        assert [job.id for job in await store.recent(None, 10)] == ["job-3"]
+        assert await store.recent(owner_hash("nobody"), 10) == []
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_redis_keys_carry_the_prefix(redis_url) -> None:
     async def scenario() -> None:
         store = RedisJobStore(redis_url)

@@ -13,6 +13,7 @@ Errors are ``{"error": "..."}`` as the protocol says (service.http.app).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -161,9 +162,10 @@ def smoothing_params(raw: dict[str, Any]) -> tuple[str, PredictParams | CertifyP
         raise HTTPException(UNPROCESSABLE, f"parameters.mode must be one of {', '.join(MODES)}, got {mode!r}")
     if "model" in fields:
         raise HTTPException(UNPROCESSABLE, "parameters.model is not allowed: the model is the one in the URL")
+    # The parameters arrived as JSON: validated as /v1's JSON bodies are (strictly), not as form text.
     if mode == "predict":
-        return mode, validated(PredictParams, fields)
-    return mode, validated(CertifyParams, {**fields, "mode": mode})
+        return mode, validated(PredictParams, json.dumps(fields).encode())
+    return mode, validated(CertifyParams, json.dumps({**fields, "mode": mode}).encode())
 
 
 def triton_control(raw: dict[str, Any]) -> dict[str, Any]:

@@ -5,8 +5,9 @@ raise the exceptions of ``errors``, carrying the server's message. ``certserve-c
 command line on top (``certserve_client.cli``).
 """
 
+from certserve_client.async_client import AsyncClient
 from certserve_client.calls import RetryPolicy
-from certserve_client.client import AsyncClient, Client
+from certserve_client.client import Client
 from certserve_client.errors import (
     AuthenticationRequired,
     CertserveError,

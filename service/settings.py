@@ -26,12 +26,16 @@ class Settings(BaseSettings):
     # models and device
     model_dir: Path = Field(DEFAULT_ROOT, description="registry folder of checkpoints (manifest.json + weights.pt)")
     models: list[str] = Field(default_factory=list, description="model ids to load; empty = every model in model_dir")
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:k]'")
+    devices: str = Field(
+        "auto",
+        description="the executors: 'auto' (every visible CUDA GPU, else the CPU as measured best), a list "
+        "('cuda:0,cuda:1'), 'cpu', or 'cpu*2' (also 'cpu×2', 'cpu:2') for two CPU executors splitting the threads",
+    )
     threads: int = Field(
         0,
         ge=0,
-        description="CPU threads of the forward passes; 0 = PyTorch's default (one per core). Every other "
-        "thread of the service computes on one",
+        description="CPU threads of the forward passes in all, split among the CPU executors; 0 = one per core. "
+        "Every other thread of the service computes on one",
     )
     max_batch: int = Field(0, ge=0, description="cap on samples per forward pass; 0 = the measured best batch size")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(

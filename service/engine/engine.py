@@ -37,10 +37,13 @@ class Timing:
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, models: dict[str, LoadedModel], *, timeout_s: float) -> None:
+    def __init__(
+        self, scheduler: Scheduler, models: dict[str, LoadedModel], *, timeout_s: float, pin_inputs: bool = False
+    ) -> None:
         self.scheduler = scheduler
-        self.models = models
+        self.models = models  # manifests and plans, for answers; each executor holds its device's own copy
         self.timeout_s = timeout_s
+        self.pin_inputs = pin_inputs  # page-locked inputs, so that executors copy them to a GPU without a sync
 
     def model(self, model_id: str) -> LoadedModel:
         try:
@@ -63,9 +66,10 @@ class Engine:
     ) -> torch.Tensor:
         """Class counts (num_classes,) of samples [start, start + num) of stream (seed, stage) around x."""
         loaded = self.model(model_id)
+        x = x.to("cpu")  # the scheduler's items live on the host: any executor's device may run them
         item = WorkItem(
             model_id=model_id,
-            x=x.to(loaded.device),
+            x=x.pin_memory() if self.pin_inputs else x,
             sigma=loaded.manifest.sigma,
             seed=seed,
             stage=stage,

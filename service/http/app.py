@@ -1,7 +1,7 @@
 """The FastAPI application: lifespan wiring, the body-size guard and the JSON error answers.
 
 ``create_app(settings)`` returns an app whose lifespan loads the models, starts the scheduler's
-executor thread, the certificate cache and the job runner, and stops them in reverse order.
+executor pool, the certificate cache and the job runner, and stops them in reverse order.
 Every error is answered as JSON ``{"detail": "..."}``; bad input never gives a 500.
 """
 
@@ -23,10 +23,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import metrics
 from service.cache import make_cache
 from service.decoding import DecodeError
-from service.engine.engine import Engine, UnknownModel
-from service.engine.executor import Executor
-from service.engine.models import load_models, pick_device
-from service.engine.scheduler import DeadlineExceeded, QueueFull, Scheduler
+from service.engine.engine import UnknownModel
+from service.engine.pool import load_settings_models, parse_devices, start_engine
+from service.engine.scheduler import DeadlineExceeded, QueueFull
 from service.http import routes_health, routes_jobs, routes_models, routes_smoothing
 from service.http.routes_smoothing import ClientDisconnected
 from service.http.schemas import RADIUS_UNITS
@@ -57,38 +56,25 @@ async def in_passing_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    device = pick_device(settings.device)
+    slots = parse_devices(settings.devices, settings.threads)
     # Loading measures each model's best batch size (seconds of forward passes): keep it off the event loop,
     # on a thread that then exits, taking its OpenMP team with it (see service.engine.executor).
-    models = await in_passing_thread(
-        load_models,
-        settings.model_dir,
-        settings.models,
-        device,
-        max_batch=settings.max_batch,
-        tuning_cache=settings.tuning_cache,
-        precision=settings.precision,
-    )
-    if not models:
+    models = await in_passing_thread(load_settings_models, settings, slots)
+    if not any(models.values()):
         raise RuntimeError(f"no models found in {settings.model_dir} (set CERTSERVE_MODEL_DIR or CERTSERVE_MODELS)")
-    scheduler = Scheduler(
-        max_pending_samples=settings.max_pending_samples, batch_delay_s=settings.batch_delay_ms / 1000.0
-    )
-    executor = Executor(scheduler, models, on_batch=metrics.record_batch, threads=settings.threads)
-    executor.start()
-    metrics.track_pending(scheduler)
-    engine = Engine(scheduler, models, timeout_s=settings.request_timeout_s)
+    engine, pool = start_engine(settings, slots, models, on_batch=metrics.record_batch)
+    metrics.track_pending(engine.scheduler)
     cache = make_cache(settings)
     store = RedisJobStore(settings.redis_url) if settings.redis_url else SqliteJobStore(settings.job_db)
     jobs = JobRunner(store, engine)
     await jobs.start()
-    app.state.services = Services(settings, scheduler, executor, engine, cache, jobs)
-    log.info("serving %s on %s", ", ".join(models), device)
+    app.state.services = Services(settings, engine.scheduler, pool, engine, cache, jobs)
+    log.info("serving %s on %s", ", ".join(engine.models), ", ".join(slot.name for slot in slots))
     try:
         yield
     finally:
-        await jobs.stop()  # first: its in-flight work needs the executor to finish or be cancelled
-        executor.stop()
+        await jobs.stop()  # first: its in-flight work needs the executors to finish or be cancelled
+        pool.stop()
         await cache.close()
 
 

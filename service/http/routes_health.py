@@ -1,7 +1,8 @@
 """Health and metrics routes; they stay open when API keys are configured.
 
-Liveness depends on nothing (the process answers); readiness needs the models loaded, the
-executor thread alive and, when configured, Redis answering a ping.
+Liveness depends on nothing (the process answers); readiness needs the models loaded, at least
+one executor of the pool alive (the body lists every device, failed ones with their error) and,
+when configured, Redis answering a ping.
 """
 
 from __future__ import annotations
@@ -25,19 +26,21 @@ async def live() -> Health:
     "/readyz",
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "not ready: a check failed"}},
-    summary="Readiness: models loaded, executor running, Redis reachable when configured",
+    summary="Readiness: models loaded, an executor running (each device listed), Redis reachable when configured",
 )
 @router.get("/v2/health/ready", response_model=Readiness, summary="Readiness, KServe v2 path")
 async def ready(request: Request) -> JSONResponse:
     svc = getattr(request.app.state, "services", None)
+    devices = []
     if svc is None:  # still starting
         checks = {"models_loaded": False, "executor_alive": False}
     else:
-        checks = {"models_loaded": bool(svc.engine.models), "executor_alive": svc.executor.alive}
+        checks = {"models_loaded": bool(svc.engine.models), "executor_alive": svc.pool.alive}
+        devices = svc.pool.devices()
         if svc.settings.redis_url:
             checks["redis"] = await svc.cache.ping()
     ok = all(checks.values())
-    body = Readiness(status="ready" if ok else "not ready", checks=checks)
+    body = Readiness(status="ready" if ok else "not ready", checks=checks, devices=devices)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 

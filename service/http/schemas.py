@@ -185,9 +185,20 @@ class Health(BaseModel):
     status: str
 
 
+class DeviceStatus(BaseModel):
+    name: str = Field(description="the executor: 'cuda:0', or 'cpu#k' for the k-th CPU executor")
+    device: str
+    alive: bool = Field(description="whether it serves; a failed device is out of the pool, the others serve on")
+    threads: int = Field(description="intra-op CPU threads of its forward passes")
+    error: str | None = Field(description="why it left the pool; null while it serves")
+
+
 class Readiness(BaseModel):
     status: str
     checks: dict[str, bool] = Field(description="each readiness condition and whether it holds")
+    devices: list[DeviceStatus] = Field(
+        default_factory=list, description="each executor of the pool; ready while at least one is alive"
+    )
 
 
 class JobParams(BaseModel):

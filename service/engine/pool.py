@@ -33,8 +33,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # What `auto` runs on a CPU: measured with `python -m bench.executors` on the 2-core development machine
-# (BENCHMARKS.md, "Executors on one CPU"); one executor with every core won there.
-AUTO_CPU_EXECUTORS = 1
+# (BENCHMARKS.md, "Executors on one CPU"): on that shared, busy machine two one-thread executors classified
+# 5.2x the samples of one two-thread executor (median of 5 interleaved rounds), whose OpenMP team stalls
+# whenever another process takes one of its cores. One executor per core it is.
+AUTO_CPU_EXECUTORS = 2
 _CPU_COUNT = re.compile(r"^cpu\s*(?:×|\*|x|:)\s*(\d+)$")
 
 

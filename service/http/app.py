@@ -30,6 +30,7 @@ from service.http import routes_health, routes_jobs, routes_models, routes_smoot
 from service.http.routes_smoothing import ClientDisconnected
 from service.http.schemas import RADIUS_UNITS
 from service.http.state import Services
+from service.jobs.queue import make_enqueue
 from service.jobs.runner import RESUME_RETRY_S, STORE_ERRORS, JobRunner
 from service.jobs.store import RedisJobStore, SqliteJobStore
 from service.jobs.uploads import UploadError
@@ -66,7 +67,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics.track_pending(engine.scheduler)
     cache = make_cache(settings)
     store = RedisJobStore(settings.redis_url) if settings.redis_url else SqliteJobStore(settings.job_db)
-    jobs = JobRunner(store, engine)
+    enqueue, close_broker = make_enqueue(settings) if settings.job_backend == "dramatiq" else (None, None)
+    jobs = JobRunner(store, engine, enqueue=enqueue)
     await jobs.start()
     app.state.services = Services(settings, engine.scheduler, pool, engine, cache, jobs)
     log.info("serving %s on %s", ", ".join(engine.models), ", ".join(slot.name for slot in slots))
@@ -76,6 +78,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await jobs.stop()  # first: its in-flight work needs the executors to finish or be cancelled
         pool.stop()
         await cache.close()
+        if close_broker is not None:
+            close_broker()
 
 
 # -- request body limit ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ with the sha256 of the weights file so that a swapped or damaged file is caught 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,16 @@ class Manifest(BaseModel):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """SHA-256 (hex) of the manifest's canonical JSON: everything the manifest says, the weights' sha256 included.
+
+    Normalization, classes, architecture and id are outside the weights file, so a certificate
+    names the model by this digest rather than by the weights' hash alone.
+    """
+    canonical = json.dumps(manifest.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def sha256_of(path: Path) -> str:

@@ -42,7 +42,8 @@ FAILURE_BACKOFF_S = 0.05  # a failing executor waits this long (× failures in a
 
 
 class Executor:
-    """Runs the scheduler's batches on one device in a background thread named ``name``."""
+    """Runs the scheduler's batches on one device in a background thread named ``name``, which also labels
+    its metrics (``cuda:0``, ``cpu#1``)."""
 
     def __init__(
         self,
@@ -51,6 +52,7 @@ class Executor:
         *,
         name: str = "executor",
         on_batch: Callable[[Batch, float], None] | None = None,
+        on_failure: Callable[[Batch, BaseException], None] | None = None,
         threads: int = 0,
         peers_alive: Callable[[Executor], bool] = lambda _: False,
     ) -> None:
@@ -59,6 +61,7 @@ class Executor:
         self.name = name
         self.device = next(iter(models.values())).device if models else torch.device("cpu")
         self.on_batch = on_batch  # metrics hook: (batch, seconds)
+        self.on_failure = on_failure  # metrics hook: (batch, error) of a forward pass that raised
         self.threads = threads or torch.get_num_threads()  # intra-op threads of the forward passes
         self.peers_alive = peers_alive  # whether another executor of the pool can take over its work
         self.consecutive_failures = 0
@@ -116,6 +119,8 @@ class Executor:
             self.consecutive_failures += 1
             log.exception("%s: forward pass failed (%d in a row)", self.name, self.consecutive_failures)
             self._give_back(batch, e)
+            if self.on_failure is not None:
+                self.on_failure(batch, e)
             if self.peers_alive(self):
                 if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
                     last = f"{type(e).__name__}: {e}"
@@ -128,7 +133,10 @@ class Executor:
         seconds = time.perf_counter() - started
         self.scheduler.complete(batch, counts, seconds)
         if self.on_batch is not None:
-            self.on_batch(batch, seconds)
+            try:
+                self.on_batch(batch, seconds)
+            except Exception:  # a metrics hook that breaks loses a sample, never the device (the batch is done)
+                log.exception("%s: on_batch hook failed", self.name)
         return True
 
     def _give_back(self, batch: Batch, error: BaseException) -> None:

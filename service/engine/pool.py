@@ -11,6 +11,7 @@ counts add up (only last-bit float rounding differs between batch compositions).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -21,10 +22,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from service import metrics
 from service.engine.engine import Engine
 from service.engine.executor import Executor
 from service.engine.models import LoadedModel, load_models
 from service.engine.scheduler import Batch, Scheduler
+from service.gpu_metrics import GPU
 from smoothing.tuning import claim_threads
 
 if TYPE_CHECKING:
@@ -42,7 +45,7 @@ _CPU_COUNT = re.compile(r"^cpu\s*(?:×|\*|x|:)\s*(\d+)$")
 
 @dataclass(frozen=True)
 class Slot:
-    """One executor to start: its name (``cuda:0``, ``cpu#1``), device and intra-op threads (CPU)."""
+    """One executor to start: its name (``cuda:0``; ``cpu``, or ``cpu#k`` among several), device and threads."""
 
     name: str
     device: torch.device
@@ -73,7 +76,8 @@ def parse_devices(spec: str, threads: int = 0) -> list[Slot]:
             if executors < 1:
                 raise ValueError(f"need at least one CPU executor, got {part!r}")
             per_executor = max(1, total // executors)
-            slots += [Slot(f"cpu#{k}", torch.device("cpu"), per_executor) for k in range(executors)]
+            names = ["cpu"] if executors == 1 else [f"cpu#{k}" for k in range(executors)]
+            slots += [Slot(name, torch.device("cpu"), per_executor) for name in names]
             continue
         try:
             device = torch.device(part)
@@ -114,6 +118,19 @@ def load_for_slots(
     return {slot.name: by_device[slot.device] for slot in slots}
 
 
+def _both(
+    first: Callable[[Batch, float], None], second: Callable[[Batch, float], None] | None
+) -> Callable[[Batch, float], None]:
+    if second is None:
+        return first
+
+    def call(batch: Batch, seconds: float) -> None:
+        first(batch, seconds)
+        second(batch, seconds)
+
+    return call
+
+
 class Pool:
     """The executors of one scheduler. Readiness: at least one alive; ``devices()`` reports each."""
 
@@ -131,12 +148,15 @@ class Pool:
                 scheduler,
                 models[slot.name],
                 name=slot.name,
-                on_batch=on_batch,
+                on_batch=_both(functools.partial(metrics.record_batch, executor=slot.name), on_batch),
+                on_failure=functools.partial(metrics.record_forward_failure, executor=slot.name),
                 threads=slot.threads,
                 peers_alive=self._peers_alive,
             )
             for slot in slots
         ]
+        for slot in slots:
+            metrics.track_executor(slot.name, models[slot.name])
 
     @property
     def models(self) -> dict[str, LoadedModel]:
@@ -183,14 +203,20 @@ def start_engine(
     *,
     on_batch: Callable[[Batch, float], None] | None = None,
 ) -> tuple[Engine, Pool]:
-    """The scheduler, its started pool and the engine over them, as ``settings`` say (API and job workers alike).
+    """The scheduler, its started pool and the engine over them, as ``settings`` say (API and job workers alike),
+    with their metrics (per executor, the scheduler's, the GPUs'). ``on_batch``: an extra hook of every executor.
 
     ``models``: ``load_for_slots(slots, ...)``'s answer. Stop the pool when done."""
+    first = models[slots[0].name]
     scheduler = Scheduler(
-        max_pending_samples=settings.max_pending_samples, batch_delay_s=settings.batch_delay_ms / 1000.0
+        max_pending_samples=settings.max_pending_samples,
+        batch_delay_s=settings.batch_delay_ms / 1000.0,
+        expected_rates={model_id: m.plan.samples_per_second for model_id, m in first.items()},
     )
     pool = Pool(scheduler, slots, models, on_batch=on_batch)
     pool.start()
+    metrics.track_scheduler(scheduler, first)
+    GPU.watch([slot.device for slot in slots])
     engine = Engine(scheduler, pool.models, timeout_s=settings.request_timeout_s, pin_inputs=pool.uses_cuda)
     return engine, pool
 

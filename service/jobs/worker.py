@@ -30,7 +30,6 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage, Middleware
 from prometheus_client import Counter, start_http_server
 
-from service import metrics
 from service.engine.engine import Engine
 from service.engine.pool import load_settings_models, parse_devices, start_engine
 from service.jobs.queue import declare_actor, make_broker
@@ -130,7 +129,7 @@ class Worker:
         slots = parse_devices(settings.devices, settings.threads)
         with ThreadPoolExecutor(1, thread_name_prefix="loader") as loader:  # its OpenMP team leaves with it
             models = loader.submit(load_settings_models, settings, slots).result()
-        self.engine, self.pool = start_engine(settings, slots, models, on_batch=metrics.record_batch)
+        self.engine, self.pool = start_engine(settings, slots, models)
         self.loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="worker-loop", daemon=True)
         self.store = RedisJobStore(settings.redis_url)

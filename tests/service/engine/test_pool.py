@@ -25,7 +25,7 @@ from service.engine.pool import AUTO_CPU_EXECUTORS, Pool, Slot, load_settings_mo
 from service.engine.scheduler import Priority, Scheduler, WorkItem
 from service.http.app import create_app
 from service.settings import Settings
-from smoothing.core import certify
+from smoothing.core import certify, certify_procedure
 
 SEEDS = range(6)
 N0, N = 64, 1024
@@ -57,7 +57,7 @@ def test_devices_name_the_executors() -> None:
             Slot("cpu#0", torch.device("cpu"), 2),
             Slot("cpu#1", torch.device("cpu"), 2),
         ]
-    assert parse_devices("cpu", threads=3) == [Slot("cpu#0", torch.device("cpu"), 3)]
+    assert parse_devices("cpu", threads=3) == [Slot("cpu", torch.device("cpu"), 3)]
     assert [s.threads for s in parse_devices("cpu*4", threads=2)] == [1, 1, 1, 1]
     if not torch.cuda.is_available():
         assert len(parse_devices("auto")) == AUTO_CPU_EXECUTORS
@@ -70,7 +70,7 @@ def test_devices_name_the_executors() -> None:
 
 def test_requeued_chunks_run_again_and_the_counts_add_up() -> None:
     scheduler = Scheduler(max_pending_samples=10**6, chunk_size=128)
-    item = WorkItem("m", torch.zeros(1, 2, 2), 0.5, seed=1, stage=1, num=300, num_classes=3, priority=Priority.CERTIFY)
+    item = WorkItem("m", torch.zeros(1, 2, 2), 0.5, key=1, stage=1, num=300, num_classes=3, priority=Priority.CERTIFY)
     future = scheduler.submit(item)
     failed = scheduler.next_batch(lambda *_: 256, timeout=0.0)
     assert [(c.start, c.stop) for c in failed.chunks] == [(0, 128), (128, 256)]
@@ -87,7 +87,7 @@ def test_requeued_chunks_run_again_and_the_counts_add_up() -> None:
 
 def test_an_item_failing_on_every_device_fails_instead_of_circulating() -> None:
     scheduler = Scheduler(max_pending_samples=10**6)
-    item = WorkItem("m", torch.zeros(1, 2, 2), 0.5, seed=1, stage=1, num=100, num_classes=3, priority=Priority.CERTIFY)
+    item = WorkItem("m", torch.zeros(1, 2, 2), 0.5, key=1, stage=1, num=100, num_classes=3, priority=Priority.CERTIFY)
     future = scheduler.submit(item)
     while not future.done():
         scheduler.requeue(scheduler.next_batch(lambda *_: 256, timeout=0.0), RuntimeError("bad input"))
@@ -127,7 +127,8 @@ def library_certificates(loaded: LoadedModel) -> list:
 def certify_concurrently(engine: Engine) -> list:
     async def all_of_them() -> list:
         x = torch.full((1, 28, 28), 0.5)
-        jobs = [engine.certify(TINY_ID, x, n0=N0, n=N, alpha=0.001, seed=s) for s in SEEDS]
+        procedure = lambda: certify_procedure(n0=N0, n=N, alpha=0.001, sigma=TINY_SIGMA)  # noqa: E731
+        jobs = [engine.run(TINY_ID, x, procedure(), seed=s, priority=Priority.CERTIFY) for s in SEEDS]
         return [c for c, _ in await asyncio.gather(*jobs)]
 
     return asyncio.run(all_of_them())

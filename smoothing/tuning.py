@@ -293,8 +293,8 @@ def revalidate(
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, object]:
     """A cached plan as a starting point: its batch and the neighbouring candidate sizes are timed now, in
-    interleaved rounds (fastest window, as the sweep), and the batch moves to a neighbour that is REVALIDATE_GAIN faster, until none
-    is. Memory format and precision are kept. Returns the (possibly corrected) settings."""
+    interleaved rounds (fastest window, as the sweep), and the batch moves to a neighbour that is
+    REVALIDATE_GAIN faster, until none is. Memory format and precision are kept. Returns the settings."""
     channels_last = bool(settings["channels_last"])
     trial = with_precision(
         model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format),

@@ -211,6 +211,7 @@ def start_engine(
     scheduler = Scheduler(
         max_pending_samples=settings.max_pending_samples,
         batch_delay_s=settings.batch_delay_ms / 1000.0,
+        shares=settings.shares,
         expected_rates={model_id: m.plan.samples_per_second for model_id, m in first.items()},
     )
     pool = Pool(scheduler, slots, models, on_batch=on_batch)

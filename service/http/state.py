@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from service.engine.pool import Pool
     from service.engine.scheduler import Scheduler
     from service.jobs.runner import JobRunner
+    from service.jobs.uploads import DecodeBudget
     from service.settings import Settings
 
 
@@ -26,6 +27,7 @@ class Services:
     engine: Engine
     cache: Cache
     jobs: JobRunner
+    uploads: DecodeBudget  # bytes of job uploads being decompressed, shared by concurrent uploads
     signing_key: Ed25519PrivateKey | None = None
 
     @property

@@ -209,3 +209,26 @@ def test_rejects_predict_logs_and_wrong_label_counts(tmp_path: Path, capsys: pyt
     with pytest.raises(SystemExit):
         main([str(write_seconds_log(tmp_path / "a.tsv")), "--labels", "x", "y", "--out-dir", str(tmp_path / "r")])
     assert "2 labels for 1 logs" in capsys.readouterr().err
+
+
+def test_paper_logs_are_labelled_by_their_full_names_and_tables_go_beside_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    first, second = write_timedelta_log(logs / "sigma_0.25"), write_timedelta_log(logs / "sigma_0.50")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    main([str(first), str(second)])
+    out = capsys.readouterr().out
+    assert table_row(out, "sigma_0.25", "approximate") and table_row(out, "sigma_0.50", "approximate")  # not sigma_0
+    assert (logs / "certified_accuracy.md").is_file() and not (elsewhere / "results").exists()
+    assert f"wrote {logs / 'certified_accuracy.md'}" in out and f"wrote {logs / 'certified_accuracy.png'}" in out
+
+
+def test_logs_holding_their_sigma_are_labelled_by_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = [write_counts_log(tmp_path / f"run-{i}.tsv", sigma=s) for i, s in enumerate((0.25, 0.5))]
+    main([*map(str, paths), "--out-dir", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert table_row(out, "σ=0.25", "approximate") and table_row(out, "σ=0.5", "approximate")

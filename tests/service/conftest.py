@@ -26,7 +26,7 @@ def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tuning_cache(tiny_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tuning-cache file answering the tiny model's batch-size sweep with TINY_BATCH."""
+    """A tuning-cache file answering the tiny model's batch-size sweep with TINY_BATCH (save_tuning_answer)."""
     return save_tuning_answer(tiny_registry, tmp_path_factory.mktemp("tuning") / "tuning.json")
 
 
@@ -40,7 +40,7 @@ def make_settings(
         fields: dict[str, Any] = {
             "model_dir": tiny_registry,
             "models": [TINY_ID],
-            "device": "cpu",
+            "devices": "cpu",
             "tuning_cache": tuning_cache,
             "job_db": tmp_path_factory.mktemp("jobs") / "jobs.sqlite3",
             "redis_url": None,

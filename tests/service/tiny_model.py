@@ -9,6 +9,7 @@ import torch
 from models.architectures import build_model
 from models.checkpoint import save_checkpoint
 from models.registry import load_model
+from service.engine.pool import cpu_cores
 from smoothing.tuning import prepare_for_inference
 
 TINY_ID = "tiny"
@@ -54,9 +55,14 @@ def save_tiny_registry(root: Path) -> Path:
 
 
 def save_tuning_answer(registry: Path, path: Path) -> Path:
-    """A tuning-cache file at ``path`` answering the tiny model's batch-size sweep with TINY_BATCH."""
+    """A tuning-cache file at ``path`` answering the tiny model's batch-size sweep with TINY_BATCH, at 1 and 2
+    threads (plans are cached per thread count: one CPU executor with both cores, or two with one each)."""
     model, manifest = load_model(registry, TINY_ID)
-    prepare_for_inference(
-        model, manifest.input_shape, "cpu", cache_key=manifest.sha256, cache_file=path, candidates=(TINY_BATCH,)
-    )
+    threads = torch.get_num_threads()
+    for count in sorted({1, 2, cpu_cores()}):
+        torch.set_num_threads(count)
+        prepare_for_inference(
+            model, manifest.input_shape, "cpu", cache_key=manifest.sha256, cache_file=path, candidates=(TINY_BATCH,)
+        )
+    torch.set_num_threads(threads)
     return path

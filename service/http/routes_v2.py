@@ -103,14 +103,14 @@ async def model_metadata(request: Request, name: str, version: str | None = None
 @router.get(
     "/models/{name}/ready",
     response_model=ModelReady,
-    summary="Model readiness: 200 when loaded and the executor runs",
+    summary="Model readiness: 200 when loaded and an executor runs",
     responses={503: {"model": ModelReady}},
 )
 @router.get("/models/{name}/versions/{version}/ready", response_model=ModelReady, include_in_schema=False)
 async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
     svc = services(request)
     manifest = model_of(svc, name, version).manifest
-    ready = svc.executor.alive
+    ready = svc.pool.alive  # at least one executor of the pool runs
     return JSONResponse(ModelReady(name=manifest.id, ready=ready).model_dump(), status_code=200 if ready else 503)
 
 

@@ -8,6 +8,8 @@ import torch
 from idx_files import write_idx
 
 from models.checkpoint import load_checkpoint
+from models.composed import save_composed
+from models.registry import load_model
 from training import train as train_module
 
 
@@ -152,3 +154,44 @@ def test_init_from_another_architecture_is_refused(data: Path, tmp_path: Path) -
     other[other.index("--arch") + 1] = "cifar_resnet20"
     with pytest.raises(SystemExit, match="--init"):
         train_module.main([*other, "--init", str(base)])
+
+
+@pytest.mark.parametrize("objective", ["mse", "stability"])
+def test_a_denoiser_for_a_clean_classifier_composes_with_it(data: Path, tmp_path: Path, objective: str) -> None:
+    registry = tmp_path / "registry"
+    clean = args(data, registry / "clean", tmp_path / "work-clean")
+    clean[clean.index("--sigma") + 1] = "0"
+    train_module.main(clean)
+    _, clean_manifest = load_checkpoint(registry / "clean")
+    assert clean_manifest.sigma == 0 and not clean_manifest.servable
+
+    denoiser = args(data, registry / "dncnn", tmp_path / "work-dncnn")
+    denoiser[denoiser.index("--arch") + 1] = "fmnist_dncnn"
+    denoiser += ["--denoiser-for", str(registry / "clean"), "--objective", objective, "--optimizer", "adam"]
+    denoiser += ["--lr", "0.001", "--weight-decay", "0", "--schedule", "cosine"]
+    train_module.main(denoiser)
+    model, manifest = load_checkpoint(registry / "dncnn")
+    assert manifest.kind == "denoiser" and manifest.sigma == 0.25 and manifest.normalization.mean == [0.0]
+    assert manifest.training["classifier"] == {
+        "path": str(registry / "clean"),
+        "id": "clean",
+        "sha256": clean_manifest.sha256,
+    }
+    assert manifest.training["recipe"]["objective"] == objective
+    last = manifest.training["epochs"][-1]
+    assert last["denoised_mse"] >= 0 and abs(last["noisy_mse"] - 0.25**2) < 0.01
+    if objective == "mse":  # two epochs already denoise better than doing nothing
+        assert last["denoised_mse"] < last["noisy_mse"]
+    x = torch.rand(2, 1, 28, 28)
+    assert model(x).shape == x.shape
+
+    save_composed(registry, "denoised", "sequential", [("dncnn", "denoiser"), ("clean", "classifier")])
+    composed, composed_manifest = load_model(registry, "denoised")
+    assert composed_manifest.sigma == 0.25 and composed(x).shape == (2, 10)
+
+
+def test_a_denoiser_needs_an_architecture_that_outputs_images(data: Path, tmp_path: Path) -> None:
+    train_module.main(args(data, tmp_path / "clean", tmp_path / "work-clean"))
+    denoiser = args(data, tmp_path / "d", tmp_path / "work-d") + ["--denoiser-for", str(tmp_path / "clean")]
+    with pytest.raises(SystemExit, match="not a denoiser"):
+        train_module.main(denoiser)

@@ -32,7 +32,7 @@ from bench.report import write_report
 from bench.server import REPO_ROOT, Server, start_server, stop_server
 from bench.service_load import measure_service
 from models.registry import DEFAULT_ROOT, find_checkpoint, read_registry_manifest
-from service.executor import pick_device
+from service.engine.models import pick_device
 from smoothing.tuning import keep_freed_memory
 
 DEFAULT_MODEL = "fmnist-resnet-sigma0.25"

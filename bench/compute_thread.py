@@ -3,7 +3,7 @@
 Why it matters: libgomp (PyTorch's OpenMP) keeps a team of worker threads for every thread that
 ever ran a parallel operation, and when a process holds more such threads than there are CPUs it
 stops spinning at barriers and puts its workers to sleep between operations. The service keeps
-one team (its executor's; every other thread computes on one core, see service.executor), so the
+one team (its executor's; every other thread computes on one core, see service.engine.executor), so the
 benchmark does the same: ``start_compute_thread`` sets up the compute thread with PyTorch's
 default thread count, then limits the calling (main) thread and every later one to one. Measured
 on a 2-core machine, a second team cost the forward passes about a quarter of their throughput.

@@ -6,7 +6,7 @@ import logging
 
 import uvicorn
 
-from service.app import create_app
+from service.http.app import create_app
 from service.settings import Settings
 from smoothing.tuning import keep_freed_memory
 

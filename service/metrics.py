@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from service.engine import Timing
-    from service.scheduler import Batch, Scheduler
+    from service.engine.engine import Timing
+    from service.engine.scheduler import Batch, Scheduler
     from smoothing.core import Certificate, Prediction
 
 # 5 ms .. 300 s, roughly ×2–2.5 per step: covers a cached answer as well as a 100,000-sample certification on a CPU.

@@ -9,8 +9,8 @@ import torch
 from prometheus_client import REGISTRY
 
 from service import metrics
-from service.engine import Timing
-from service.scheduler import Batch, Priority, Scheduler, WorkItem
+from service.engine.engine import Timing
+from service.engine.scheduler import Batch, Priority, Scheduler, WorkItem
 from smoothing.core import Certificate, Prediction
 from smoothing.sampling import Chunk
 

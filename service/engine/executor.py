@@ -19,75 +19,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
-from models.checkpoint import Manifest
-from models.registry import list_models, load_model
-from service.scheduler import Batch, Scheduler
+from service.engine.models import LoadedModel
+from service.engine.scheduler import Batch, Scheduler
 from smoothing.sampling import count_chunks
-from smoothing.tuning import InferencePlan, claim_threads, prepare_for_inference
+from smoothing.tuning import claim_threads
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    manifest: Manifest
-    plan: InferencePlan
-    device: torch.device
-
-    @property
-    def batch_size(self) -> int:
-        return self.plan.batch_size
-
-    def batch_size_for(self, interactive: bool) -> int:
-        """The interactive batch while predictions are recent (shorter waits), else the fastest."""
-        return self.plan.interactive_batch_size if interactive else self.plan.batch_size
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' → the first CUDA GPU if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_models(
-    model_dir: Path,
-    model_ids: list[str],
-    device: torch.device,
-    *,
-    max_batch: int = 0,
-    tuning_cache: Path | None = None,
-    precision: str = "float32",
-) -> dict[str, LoadedModel]:
-    """Load and tune the requested models (all in ``model_dir`` when ``model_ids`` is empty)."""
-    ids = model_ids or [m.id for m in list_models(model_dir)]
-    loaded = {}
-    for model_id in ids:
-        model, manifest = load_model(model_dir, model_id, device)
-        plan = prepare_for_inference(
-            model, manifest.input_shape, device, cache_key=manifest.sha256, cache_file=tuning_cache, precision=precision
-        )
-        if max_batch:
-            plan = replace(
-                plan,
-                batch_size=min(plan.batch_size, max_batch),
-                interactive_batch_size=min(plan.interactive_batch_size, max_batch),
-            )
-        log.info(
-            "loaded %s on %s: batch %d (interactive %d), %.0f samples/s",
-            model_id,
-            device,
-            plan.batch_size,
-            plan.interactive_batch_size,
-            plan.samples_per_second,
-        )
-        loaded[model_id] = LoadedModel(manifest, plan, device)
-    return loaded
 
 
 class Executor:

@@ -7,7 +7,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 from payloads import encode_image
 
-from service.app import create_app
+from service.http.app import create_app
 from service.settings import Settings
 
 UNREACHABLE = "redis://127.0.0.1:1/0"  # nothing listens on port 1: connections are refused at once

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from service.auth import require_key
-from service.executor import LoadedModel
-from service.schemas import ErrorResponse, ModelInfo, ModelList
-from service.state import services
+from service.engine.models import LoadedModel
+from service.http.auth import require_key
+from service.http.schemas import ErrorResponse, ModelInfo, ModelList
+from service.http.state import services
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], tags=["models"])
 

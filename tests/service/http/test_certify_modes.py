@@ -16,7 +16,7 @@ from payloads import encode_image
 from prometheus_client import REGISTRY
 from tiny_model import TINY_CLASSES, TINY_ID, TINY_SIGMA
 
-from service.app import create_app
+from service.http.app import create_app
 from service.settings import Settings
 from smoothing.sequential import adaptive_certify, model_sampler, radius_test, run
 

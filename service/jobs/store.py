@@ -23,7 +23,7 @@ import numpy as np
 import redis.asyncio as aioredis
 import torch
 
-from service.uploads import ParsedUpload
+from service.jobs.uploads import ParsedUpload
 
 ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("done", "cancelled", "failed")

@@ -15,8 +15,8 @@ from typing import TypeVar
 
 import torch
 
-from service.executor import LoadedModel
-from service.scheduler import Priority, Scheduler, WorkItem
+from service.engine.models import LoadedModel
+from service.engine.scheduler import Priority, Scheduler, WorkItem
 from smoothing.core import Certificate, Prediction, certify_from_counts, predict_from_counts
 from smoothing.sampling import ESTIMATION_STAGE, SELECTION_STAGE, new_seed
 from smoothing.sequential import SampleRequest

@@ -14,12 +14,13 @@ from torch import nn
 
 from models.architectures import build_model
 from models.checkpoint import Manifest
-from service.engine import Engine, UnknownModel
-from service.executor import Executor, LoadedModel
-from service.job_store import JobRecord, JobStore, RedisJobStore, SqliteJobStore, decode_inputs, encode_inputs
-from service.jobs import JobRunner, certify_image, image_seed, owner_hash, results_tsv
-from service.scheduler import Scheduler
-from service.uploads import ParsedUpload
+from service.engine.engine import Engine, UnknownModel
+from service.engine.executor import Executor
+from service.engine.models import LoadedModel
+from service.engine.scheduler import Scheduler
+from service.jobs.runner import JobRunner, certify_image, image_seed, owner_hash, results_tsv
+from service.jobs.store import JobRecord, JobStore, RedisJobStore, SqliteJobStore, decode_inputs, encode_inputs
+from service.jobs.uploads import ParsedUpload
 from smoothing.core import certify
 from smoothing.tuning import InferencePlan, fold_batchnorm
 

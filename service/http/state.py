@@ -9,10 +9,10 @@ from starlette.requests import Request
 
 if TYPE_CHECKING:
     from service.cache import Cache
-    from service.engine import Engine
-    from service.executor import Executor
-    from service.jobs import JobRunner
-    from service.scheduler import Scheduler
+    from service.engine.engine import Engine
+    from service.engine.executor import Executor
+    from service.engine.scheduler import Scheduler
+    from service.jobs.runner import JobRunner
     from service.settings import Settings
 
 

@@ -18,12 +18,12 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from service import metrics
-from service.auth import require_key
 from service.cache import certificate_key
-from service.engine import Timing
-from service.executor import LoadedModel
-from service.inputs import bounded, prepare, read_input
-from service.schemas import (
+from service.engine.engine import Timing
+from service.engine.models import LoadedModel
+from service.http.auth import require_key
+from service.http.inputs import bounded, prepare, read_input
+from service.http.schemas import (
     RADIUS_UNITS,
     CertifyJson,
     CertifyParams,
@@ -34,7 +34,7 @@ from service.schemas import (
     PredictParams,
     PredictResponse,
 )
-from service.state import services
+from service.http.state import services
 from smoothing.core import Certificate, Prediction
 from smoothing.sampling import new_seed
 from smoothing.sequential import DEFAULT_TOLERANCE, AdaptiveCertificate, RadiusDecision, adaptive_certify, radius_test

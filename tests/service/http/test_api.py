@@ -27,7 +27,7 @@ from payloads import bomb_png, encode_image
 from prometheus_client import REGISTRY
 from tiny_model import TINY_BATCH, TINY_CLASSES, TINY_ID, TINY_SIGMA
 
-from service.app import create_app
+from service.http.app import create_app
 from service.settings import Settings
 from smoothing.core import Certificate, Prediction, certify, certify_from_counts, predict, predict_from_counts
 

@@ -1,6 +1,6 @@
 """The /v1/jobs routes: certify a whole uploaded set of images in the background.
 
-The routes only validate and delegate: ``service.jobs`` parses the upload (zip, tar or .npz),
+The routes only validate and delegate: ``service.jobs.runner`` parses the upload (zip, tar or .npz),
 stores the job and runs it through the engine at the lowest priority. A job is visible only to
 the API key that created it; another key gets the same 404 as a job that does not exist.
 """
@@ -13,12 +13,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from service.api import ERROR_RESPONSES, form_schema
-from service.auth import Caller, require_key
-from service.inputs import bounded, media_type_of, read_form
-from service.jobs import parse_upload, results_tsv
-from service.schemas import JobCreated, JobParams
-from service.state import services
+from service.http.auth import Caller, require_key
+from service.http.inputs import bounded, media_type_of, read_form
+from service.http.routes_smoothing import ERROR_RESPONSES, form_schema
+from service.http.schemas import JobCreated, JobParams
+from service.http.state import services
+from service.jobs.runner import results_tsv
+from service.jobs.uploads import parse_upload
 from smoothing.sampling import new_seed
 
 router = APIRouter(prefix="/v1/jobs", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES, tags=["jobs"])

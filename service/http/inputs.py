@@ -18,10 +18,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from service.decoding import DecodeError, decode_array, decode_base64, decode_image
-from service.executor import LoadedModel
-from service.schemas import CommonParams
+from service.engine.models import LoadedModel
+from service.http.schemas import CommonParams
+from service.http.state import Services
 from service.settings import Settings
-from service.state import Services
 
 MAX_FORM_FIELDS = 16
 INLINE_DECODE_BYTES = 16 * 1024  # e.g. a 28x28 PNG is under 1 KiB; a 224x224 JPEG is tens of KiB

@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.state import services
+from service.http.state import services
 
 bearer = HTTPBearer(auto_error=False, description="API key (needed only when the service has keys configured)")
 

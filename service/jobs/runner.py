@@ -28,40 +28,16 @@ import torch
 from redis.exceptions import RedisError
 
 from service import metrics
-from service.engine import Engine
-from service.job_store import (
+from service.engine.engine import Engine
+from service.engine.scheduler import DeadlineExceeded, Priority, QueueFull
+from service.jobs.store import (
     ACTIVE_STATES,
-    FINAL_STATES,
-    STATES,
     JobRecord,
     JobStore,
-    JobSummary,
-    RedisJobStore,
-    SqliteJobStore,
 )
-from service.scheduler import DeadlineExceeded, Priority, QueueFull
-from service.uploads import ParsedUpload, UploadError, parse_upload
+from service.jobs.uploads import ParsedUpload
 from smoothing.core import Certificate
 from smoothing.sampling import new_seed
-
-__all__ = [
-    "ACTIVE_STATES",
-    "FINAL_STATES",
-    "STATES",
-    "JobRecord",
-    "JobRunner",
-    "JobStore",
-    "JobSummary",
-    "ParsedUpload",
-    "RedisJobStore",
-    "SqliteJobStore",
-    "UploadError",
-    "certify_image",
-    "image_seed",
-    "owner_hash",
-    "parse_upload",
-    "results_tsv",
-]
 
 log = logging.getLogger(__name__)
 

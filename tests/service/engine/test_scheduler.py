@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from service.scheduler import Priority, Scheduler, WorkItem
+from service.engine.scheduler import Priority, Scheduler, WorkItem
 
 MODEL = "m"
 

@@ -20,17 +20,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import api, metrics, routes_health, routes_jobs, routes_models
-from service.api import ClientDisconnected
+from service import metrics
 from service.cache import make_cache
 from service.decoding import DecodeError
-from service.engine import Engine, UnknownModel
-from service.executor import Executor, load_models, pick_device
-from service.jobs import RESUME_RETRY_S, STORE_ERRORS, JobRunner, RedisJobStore, SqliteJobStore, UploadError
-from service.scheduler import DeadlineExceeded, QueueFull, Scheduler
-from service.schemas import RADIUS_UNITS
+from service.engine.engine import Engine, UnknownModel
+from service.engine.executor import Executor
+from service.engine.models import load_models, pick_device
+from service.engine.scheduler import DeadlineExceeded, QueueFull, Scheduler
+from service.http import routes_health, routes_jobs, routes_models, routes_smoothing
+from service.http.routes_smoothing import ClientDisconnected
+from service.http.schemas import RADIUS_UNITS
+from service.http.state import Services
+from service.jobs.runner import RESUME_RETRY_S, STORE_ERRORS, JobRunner
+from service.jobs.store import RedisJobStore, SqliteJobStore
+from service.jobs.uploads import UploadError
 from service.settings import Settings
-from service.state import Services
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,7 +59,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     device = pick_device(settings.device)
     # Loading measures each model's best batch size (seconds of forward passes): keep it off the event loop,
-    # on a thread that then exits, taking its OpenMP team with it (see service.executor).
+    # on a thread that then exits, taking its OpenMP team with it (see service.engine.executor).
     models = await in_passing_thread(
         load_models,
         settings.model_dir,
@@ -225,7 +229,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.include_router(api.router)
+    app.include_router(routes_smoothing.router)
     app.include_router(routes_models.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_health.router)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.uploads import UploadError, parse_upload
+from service.jobs.uploads import UploadError, parse_upload
 
 SHAPE = (1, 28, 28)
 LIMITS = dict(max_images=10, max_pixels=4096 * 4096, max_total_bytes=16 << 20)

@@ -317,7 +317,12 @@ def main(argv: list[str] | None = None) -> None:
         "--data-root", type=Path, help="local dataset folder (CIFAR-10, ImageNet; Fashion-MNIST has a default)"
     )
     parser.add_argument("--arch", required=True)
-    parser.add_argument("--sigma", type=float, required=True, help="noise level σ in [0, 1] pixel units (0: no noise, a classifier for a denoiser to serve)")
+    parser.add_argument(
+        "--sigma",
+        type=float,
+        required=True,
+        help="noise level σ in [0, 1] pixel units (0: no noise, a classifier for a denoiser to serve)",
+    )
     defaults = Recipe(dataset="", arch="", sigma=0.0)
     for field in ("epochs", "batch_size", "seed", "shift", "lr", "momentum", "weight_decay"):
         default = getattr(defaults, field)

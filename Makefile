@@ -7,7 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test test-fast lint dataset install certify-table bench clean
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: run test test-fast lint dataset browser prometheus install certify-table bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,15 +27,36 @@ dataset:
 	  fi; \
 	fi
 
+# Debian's Chromium, which the console's browser tests drive through Playwright (which downloads no browser).
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; \
+	  else \
+	    echo "Chromium is missing (the console's browser tests need it): run  sudo apt-get install chromium  and retry"; exit 1; \
+	  fi; \
+	fi
+
+# Debian's Prometheus 2.42: promtool checks the alert rules, and the loopback stack test runs prometheus itself.
+# Installed automatically when running as root; the package starts no daemon by itself.
+prometheus:
+	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y prometheus || { apt-get update && apt-get install -y prometheus; }; \
+	  else \
+	    echo "Prometheus is missing: run  sudo apt-get install prometheus  and retry"; exit 1; \
+	  fi; \
+	fi
+
 install: $(STAMP) dataset
 
 run: install
 	$(BIN)/python -m service
 
-test: install
+test: install browser prometheus
 	$(BIN)/python -m pytest -m "" -q
 
-test-fast: install
+test-fast: install prometheus
 	$(BIN)/python -m pytest -q
 
 lint: install
@@ -44,4 +67,4 @@ bench: install
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache artifacts

@@ -41,15 +41,16 @@ def new_client(url: str) -> httpx.AsyncClient:
     )
 
 
-def image_body(pixels: np.ndarray, model_id: str, seed: int, **params: object) -> Body:
-    """A JSON body with the image as a base64 PNG."""
-    return {"image_base64": png_base64(pixels), "model": model_id, "seed": seed, **params}
+def image_body(pixels: np.ndarray, model_id: str, seed: int | None, **params: object) -> Body:
+    """A JSON body with the image as a base64 PNG; ``seed`` None = server randomness (cacheable answers)."""
+    seeded = {} if seed is None else {"seed": seed}
+    return {"image_base64": png_base64(pixels), "model": model_id, **seeded, **params}
 
 
 def fresh_bodies(
     rng: np.random.Generator, shape: tuple[int, int, int], model_id: str, **params: object
 ) -> Callable[[], Body]:
-    """A maker of bodies, each with a new random image and seed (so the certificate cache never answers)."""
+    """A maker of bodies, each with a new random image and a client seed (so the certificate cache never answers)."""
 
     def make() -> Body:
         return image_body(random_pixels(rng, shape), model_id, int(rng.integers(0, 2**62)), **params)

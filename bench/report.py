@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 FINDINGS = Path(__file__).resolve().parent / "findings.md"
-SAMPLE_EFFICIENCY = Path(__file__).resolve().parent / "results" / "sample-efficiency" / "report.md"  # issue 5
+# The statistical studies (training/studies) write their sections here; the report includes them after speed.
+STUDIES = Path(__file__).resolve().parents[1] / "results" / "sample-efficiency"
+SAMPLE_EFFICIENCY = STUDIES / "report.md"  # python -m training.studies.sample_efficiency
+BOUND_STUDY = STUDIES / "bounds.md"  # python -m training.studies.bound_sim
 
 
 def num(value: float | None, digits: int = 0) -> str:
@@ -348,8 +351,9 @@ def render(runs: list[dict[str, Any]]) -> str:
             lines += ["", f"### {title}", "", *section(r)]
     if FINDINGS.exists():
         lines += ["", "## Where the time goes", "", FINDINGS.read_text().strip()]
-    if SAMPLE_EFFICIENCY.exists():  # written by python -m bench.sample_efficiency
-        lines += ["", SAMPLE_EFFICIENCY.read_text().strip()]
+    for study in (SAMPLE_EFFICIENCY, BOUND_STUDY):
+        if study.exists():
+            lines += ["", study.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 

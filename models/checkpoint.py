@@ -98,6 +98,16 @@ def parts_digest(combine: str, parts: list[Part]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def manifest_digest(manifest: Manifest) -> str:
+    """SHA-256 (hex) of the manifest's canonical JSON: everything the manifest says, the weights' sha256 included.
+
+    Normalization, classes, architecture and id are outside the weights file, so a certificate
+    names the model by this digest rather than by the weights' hash alone.
+    """
+    canonical = json.dumps(manifest.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

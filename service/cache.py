@@ -1,8 +1,9 @@
 """The certificate cache: Redis when configured, an in-process LRU otherwise.
 
-A certificate is stored under a key made of everything that determines it (checkpoint, σ, n0,
-n, α, mode, target radius, the exact input) but never the seed: asking again with any seed
-returns the stored answer, so nobody can fish for a lucky certificate by varying the seed.
+A certificate is stored under a key made of everything that determines its distribution
+(``certificate_key``) but never the seed. Only answers computed from server-drawn randomness are
+stored or served: an answer from a client's seed never enters the cache, so no client can shop for
+a lucky certificate and plant it for others.
 
 Both caches never raise from ``get``/``put``: a cache that is down or slow turns into a miss
 (``CACHE_REQUESTS{result="error"}``) and the request is answered without it. RedisCache logs
@@ -26,45 +27,33 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from service.metrics import CACHE_REQUESTS
+from smoothing.procedures import Question
+from smoothing.sampling import input_digest
 
 if TYPE_CHECKING:
     from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "certserve:cert:v1:"  # bump the version when the stored value's layout changes
+KEY_PREFIX = "certserve:cert:v2:"  # bump the version when the stored value's layout changes
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)  # TimeoutError: redis-py's socket timeouts and ours
 
 
-def certificate_key(
-    *,
-    checkpoint_sha256: str,
-    sigma: float,
-    n0: int,
-    n: int,
-    alpha: float,
-    x: torch.Tensor,
-    mode: str = "fixed",
-    radius: float | None = None,
-) -> str:
-    """The cache key of a certificate: a SHA-256 over the parameters and the input tensor.
+def certificate_key(*, manifest_digest: str, precision: str, question: Question, x: torch.Tensor) -> str:
+    """The cache key of a certificate: a SHA-256 over everything that determines its distribution.
 
-    x is the decoded input, (C, H, W) float in [0, 1]; it is hashed as contiguous float32 bytes
-    together with its shape, so the same pixels give the same key on any device and two shapes
-    with the same bytes do not collide. The seed is deliberately not a parameter.
+    That is the classifier (the manifest's content digest, weights' sha256 included) and the
+    arithmetic actually run (``precision``), the question (procedure, its parameters and the
+    server's procedure constants, ``Question.key_fields``) and the exact decoded input (x: (C, H, W)
+    in [0, 1], by ``smoothing.sampling.input_digest``). Never the seed: only answers from
+    server-drawn randomness are cached, and asking again returns the stored one.
     """
-    pixels = x.detach().to(device="cpu", dtype=torch.float32).contiguous() + 0.0  # + 0.0 folds -0.0 into 0.0
-    input_digest = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
     params = {
-        "checkpoint": checkpoint_sha256,
-        "sigma": float(sigma),  # float() so that 0.25 and numpy/torch scalars serialise alike
-        "n0": int(n0),
-        "n": int(n),
-        "alpha": float(alpha),
-        "mode": mode,
-        "radius": None if radius is None else float(radius),
-        "shape": list(pixels.shape),
-        "input": input_digest,
+        "manifest": manifest_digest,
+        "precision": precision,
+        "question": question.key_fields(),
+        "shape": list(x.shape),
+        "input": input_digest(x),
     }
     canonical = json.dumps(params, sort_keys=True, separators=(",", ":"))
     return KEY_PREFIX + hashlib.sha256(canonical.encode()).hexdigest()
@@ -264,8 +253,9 @@ def _redacted(url: str) -> str:
 
 
 def make_cache(settings: Settings) -> Cache:
-    """RedisCache when ``settings.redis_url`` is set, else an LruCache of ``settings.cache_size`` entries;
-    both keep entries for ``settings.cache_ttl_s`` seconds."""
-    if settings.redis_url:
-        return RedisCache(settings.redis_url, settings.cache_ttl_s)
+    """RedisCache at ``settings.cache_redis_url`` or else ``settings.redis_url`` when one is set, else an
+    LruCache of ``settings.cache_size`` entries; both keep entries for ``settings.cache_ttl_s`` seconds."""
+    url = settings.cache_redis_url or settings.redis_url
+    if url:
+        return RedisCache(url, settings.cache_ttl_s)
     return LruCache(settings.cache_size, ttl_s=settings.cache_ttl_s)

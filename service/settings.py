@@ -68,7 +68,17 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="e.g. redis://127.0.0.1:6379/0; unset = in-process cache and SQLite jobs"
     )
+    cache_redis_url: str | None = Field(
+        None,
+        description="a Redis of its own for the certificate cache (an LRU policy and a memory cap); "
+        "unset = the cache lives in redis_url beside the jobs",
+    )
     cache_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="certificate cache time-to-live")
     cache_size: int = Field(10_000, gt=0, description="entries of the in-process LRU cache (no Redis)")
     job_db: Path = Field(Path("state/jobs.sqlite3"), description="SQLite job store when Redis is not configured")
     api_keys: list[str] = Field(default_factory=list, description="bearer keys; empty = no authentication")
+    signing_key_file: Path | None = Field(
+        None,
+        description="PEM Ed25519 private key; when set, every certify answer is signed (GET /v1/signing-key "
+        "serves the public key). Make one with `python -m service.signing new-key FILE`",
+    )

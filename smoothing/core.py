@@ -1,21 +1,30 @@
 """PREDICT and CERTIFY of Cohen, Rosenfeld & Kolter (ICML 2019), §3.2.
 
-The decisions (``predict_from_counts``, ``certify_from_counts``) see only class counts; the
-samplers (``predict``, ``certify``) draw those counts from a model. The same decision code
-serves the library, the offline commands and the service.
+The decisions (``predict_from_counts``, ``certify_from_counts``) see only class counts. The
+procedures (``predict_procedure``, ``certify_procedure``) ask for samples and decide, as
+generators in the protocol of ``smoothing.sampling.run``: the library's ``predict``/``certify``
+drive them with a synchronous sampler, the service with its scheduler, so both run one code path.
 
 All radii are ℓ2 distances in the [0, 1] pixel space of the model's input, at its resolution.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from smoothing.sampling import ESTIMATION_STAGE, SELECTION_STAGE, new_seed, sample_counts
-from smoothing.statistics import lower_confidence_bound, radius_from_lower_bound, two_sided_p_value
+from smoothing.sampling import (
+    ESTIMATION_STAGE,
+    SELECTION_STAGE,
+    Procedure,
+    SampleRequest,
+    model_sampler,
+    new_seed,
+    run,
+)
+from smoothing.statistics import certified_radius, check_alpha, lower_confidence_bound, two_sided_p_value
 
 
 @dataclass(frozen=True)
@@ -67,16 +76,21 @@ class Certificate:
         """How often ĉA came up among the estimation samples."""
         return self.estimation_counts[self.top_class]
 
+    @property
+    def samples(self) -> int:
+        """Noise samples spent: selection + estimation."""
+        return self.n0 + self.n
 
-def _check_alpha(alpha: float) -> None:
-    if not 0.0 < alpha < 0.5:
-        raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
+    @property
+    def n_max(self) -> int:
+        """Estimation samples allowed: exactly n for the paper's CERTIFY."""
+        return self.n
 
 
 def predict_from_counts(counts: torch.Tensor, *, alpha: float, sigma: float, seed: int | None = None) -> Prediction:
     """PREDICT's decision: return the top class unless the two-sided binomial test on the top two
     counts fails to reject P = 1/2 at level α (then abstain). Ties go to the lower class index."""
-    _check_alpha(alpha)
+    check_alpha(alpha)
     counts = counts.to(torch.long).cpu()
     order = torch.argsort(-counts, stable=True)  # descending, ties by class index
     n_a = int(counts[order[0]])
@@ -99,7 +113,7 @@ def certify_from_counts(
     ĉA is the top selection class; p̲A is the one-sided (1 - α) Clopper–Pearson lower bound
     from ĉA's estimation count; radius σ·Φ⁻¹(p̲A), abstaining when p̲A ≤ 1/2.
     """
-    _check_alpha(alpha)
+    check_alpha(alpha)
     selection_counts = selection_counts.to(torch.long).cpu()
     estimation_counts = estimation_counts.to(torch.long).cpu()
     top_class = int(torch.argsort(-selection_counts, stable=True)[0])
@@ -108,7 +122,7 @@ def certify_from_counts(
     certified = p_a_lower > 0.5
     return Certificate(
         label=top_class if certified else None,
-        radius=radius_from_lower_bound(p_a_lower, sigma) if certified else 0.0,
+        radius=certified_radius(p_a_lower, sigma),
         p_a_lower=p_a_lower,
         top_class=top_class,
         selection_counts=tuple(selection_counts.tolist()),
@@ -119,6 +133,22 @@ def certify_from_counts(
         sigma=sigma,
         seed=seed,
     )
+
+
+def predict_procedure(*, n: int, alpha: float, sigma: float) -> Procedure[Prediction]:
+    """PREDICT(σ, n, α) as a procedure: n samples of the estimation stream, then the binomial test."""
+    check_alpha(alpha)
+    counts = yield SampleRequest(ESTIMATION_STAGE, 0, n)
+    return predict_from_counts(counts, alpha=alpha, sigma=sigma)
+
+
+def certify_procedure(*, n0: int, n: int, alpha: float, sigma: float) -> Procedure[Certificate]:
+    """CERTIFY(σ, n0, n, α) as a procedure: ĉA from n0 selection samples, then n independent
+    estimation samples (another stream) for the Clopper–Pearson bound."""
+    check_alpha(alpha)
+    selection = yield SampleRequest(SELECTION_STAGE, 0, n0)
+    estimation = yield SampleRequest(ESTIMATION_STAGE, 0, n)
+    return certify_from_counts(selection, estimation, alpha=alpha, sigma=sigma)
 
 
 def predict(
@@ -134,20 +164,12 @@ def predict(
     channels_last: bool = False,
 ) -> Prediction:
     """PREDICT(f, σ, x, n, α). x: (C, H, W) in [0, 1]. Draws n samples from the estimation stream."""
-    _check_alpha(alpha)  # before sampling, so a bad request costs no forward passes
+    check_alpha(alpha)  # before sampling, so a bad request costs no forward passes
     seed = new_seed() if seed is None else seed
-    counts = sample_counts(
-        model,
-        x,
-        n,
-        sigma=sigma,
-        num_classes=num_classes,
-        batch_size=batch_size,
-        seed=seed,
-        stage=ESTIMATION_STAGE,
-        channels_last=channels_last,
+    sampler = model_sampler(
+        model, x, sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=seed, channels_last=channels_last
     )
-    return predict_from_counts(counts, alpha=alpha, sigma=sigma, seed=seed)
+    return replace(run(predict_procedure(n=n, alpha=alpha, sigma=sigma), sampler), seed=seed)
 
 
 def certify(
@@ -167,9 +189,9 @@ def certify(
 
     Selection and estimation samples come from independent noise streams of the same seed.
     """
-    _check_alpha(alpha)  # before sampling, so a bad request costs no forward passes
+    check_alpha(alpha)  # before sampling, so a bad request costs no forward passes
     seed = new_seed() if seed is None else seed
-    common = dict(sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=seed, channels_last=channels_last)
-    selection = sample_counts(model, x, n0, stage=SELECTION_STAGE, **common)
-    estimation = sample_counts(model, x, n, stage=ESTIMATION_STAGE, **common)
-    return certify_from_counts(selection, estimation, alpha=alpha, sigma=sigma, seed=seed)
+    sampler = model_sampler(
+        model, x, sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=seed, channels_last=channels_last
+    )
+    return replace(run(certify_procedure(n0=n0, n=n, alpha=alpha, sigma=sigma), sampler), seed=seed)

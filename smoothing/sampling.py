@@ -1,42 +1,128 @@
-"""Monte Carlo sampling of the base classifier under Gaussian noise.
+"""Monte Carlo sampling of the base classifier under Gaussian noise, and the procedure protocol.
 
-Noise is drawn in fixed blocks of ``NOISE_BLOCK`` samples; block j of stream ``stage`` for a
-request seeded with ``seed`` always comes from a generator seeded by (seed, stage, j). The
-samples a request receives are therefore the same whatever batch sizes were used and whoever
-else shared the forward pass: the library and the service agree sample for sample.
+Noise comes in fixed blocks of ``NOISE_BLOCK`` samples. A request's samples are keyed by a
+128-bit *stream key* derived from its seed and the exact input (``stream_key``); block j of
+stream ``stage`` is drawn from a generator keyed by (stream key, stage, j). The samples a request
+receives are therefore the same whatever batch sizes were used and whoever else shared the
+forward pass (the library and the service agree sample for sample), distinct (key, stage, block)
+triples give distinct noise with 128 bits of key (no 32-bit seed truncation), and one seed reused
+for different inputs still gives them independent noise (Appendix D's Theorem 6 needs that).
+
+Procedures (PREDICT, CERTIFY, the sequential tests) are generators that yield ``SampleRequest``s
+and receive the class counts of those samples; ``run`` drives one with a synchronous sampler
+(the library) and the service drives the same generator with its asynchronous scheduler.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
-NOISE_BLOCK = 32
-"""Samples per independently seeded noise block."""
+NOISE_BLOCK = 128
+"""Samples per independently keyed noise block (the scheduler's chunks are multiples of it)."""
 
 SELECTION_STAGE = 0
 """Stream id of CERTIFY's n0 selection samples."""
 ESTIMATION_STAGE = 1
 """Stream id of CERTIFY's (and PREDICT's) estimation samples; independent of the selection stream."""
 
+NOISE_SCHEME = "mt19937-state-from-sfc64/cuda-philox"
+"""Names the noise construction below; part of the procedure constants (a change changes cache keys)."""
+
+R = TypeVar("R")
+
 
 def new_seed() -> int:
-    """A fresh random 63-bit seed, for requests that did not give one."""
+    """A fresh random 63-bit seed from the OS's CSPRNG, for requests that did not give one."""
     return secrets.randbits(63)
 
 
-def block_seed(seed: int, stage: int, block: int) -> int:
-    """63-bit seed of noise block ``block`` of stream ``stage`` for a request seeded with ``seed``."""
-    digest = hashlib.blake2b(f"{seed}:{stage}:{block}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+def derive_seed(*parts: int | str, bits: int = 63) -> int:
+    """A ``bits``-bit seed derived from ``parts`` (BLAKE2b of their text joined by ':').
+
+    The one derivation of the project: noise block keys, a job's per-image seeds and the
+    offline certify run's per-example seeds all come from it, so distinct parts give
+    independent seeds (up to the hash) and the same parts always the same seed.
+    """
+    if not 1 <= bits <= 512:
+        raise ValueError(f"bits must lie in [1, 512], got {bits}")
+    text = ":".join(str(p) for p in parts).encode()
+    digest = hashlib.blake2b(text, digest_size=(bits + 7) // 8).digest()
+    return int.from_bytes(digest, "little") >> (8 * len(digest) - bits)
+
+
+def input_digest(x: torch.Tensor) -> str:
+    """SHA-256 (hex) of an input's exact pixels: contiguous float32 bytes on the CPU, with its shape.
+
+    -0.0 is folded into 0.0, so equal pixels give equal digests on any device; two shapes with
+    the same bytes do not collide.
+    """
+    pixels = x.detach().to(device="cpu", dtype=torch.float32).contiguous() + 0.0
+    digest = hashlib.sha256(str(list(pixels.shape)).encode())
+    digest.update(pixels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def stream_key(seed: int, x: torch.Tensor) -> int:
+    """The 128-bit key of the noise streams of a request seeded with ``seed`` on input ``x``."""
+    return derive_seed("stream", seed, input_digest(x), bits=128)
+
+
+def _mt19937_template() -> np.ndarray:
+    """The byte layout of PyTorch's CPU generator state (mt19937), checked once: a state seeded with 0.
+
+    The state is 8 bytes of initial seed, int ``left``, int ``seeded``, 8 bytes ``next``, then the 624
+    mt19937 words as uint64 from byte 24, then the cached normal samples. ``block_noise`` overwrites
+    the 624 words; if a PyTorch release changes the layout this check fails loudly rather than
+    letting a block's noise ignore its key.
+    """
+    generator = torch.Generator()
+    generator.manual_seed(0)
+    state = generator.get_state().numpy().copy()
+    words = state[_MT_WORDS].view(np.uint64)
+    # mt19937's seeding recurrence from 0: word 0 is 0, word 1 is 1812433253·0 + 1 = 1, word 2 = 1812433253·1 + 2.
+    if state.size != 5056 or words[0] != 0 or words[1] != 1 or words[2] != 1812433255:
+        raise RuntimeError(f"unexpected torch.Generator state layout (PyTorch {torch.__version__}); see block_noise")
+    return state
+
+
+_MT_WORDS = slice(24, 24 + 624 * 8)
+_MT_LEFT = slice(8, 12)
+_MT_TEMPLATE = _mt19937_template()
+
+
+def block_noise(key: int, stage: int, block: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Standard normal noise of one block: float32 tensor (NOISE_BLOCK, *shape) on ``device``.
+
+    The block's generator is keyed by 128 bits, ``derive_seed(key, stage, block)``. CPU: PyTorch's
+    mt19937 generator, whose ``manual_seed`` keeps only 32 bits (two blocks of one request would
+    collide with probability ≈ B²/2³³), so its whole 624-word state is filled instead from NumPy's
+    SFC64 seeded by a SeedSequence of the 128-bit key, and torch.randn then draws as fast as ever
+    (measured: NumPy's own normals, or Box–Muller in torch, cost twice as much). CUDA: PyTorch's
+    Philox generator, which takes a full 64-bit seed.
+    """
+    block_key = derive_seed("block", key, stage, block, bits=128)
+    generator = torch.Generator(device=device)
+    if device.type == "cuda":
+        generator.manual_seed(block_key >> 64)
+    else:
+        state = _MT_TEMPLATE.copy()
+        words = np.random.SFC64(np.random.SeedSequence(block_key)).random_raw(624) & 0xFFFFFFFF
+        state[_MT_WORDS].view(np.uint64)[:] = words
+        state[_MT_LEFT].view(np.int32)[0] = 1  # the next draw regenerates (twists) the state first
+        generator.set_state(torch.from_numpy(state))
+    return torch.randn((NOISE_BLOCK, *shape), generator=generator, device=device)
 
 
 def stream_noise(
-    shape: tuple[int, ...], seed: int, stage: int, start: int, stop: int, device: torch.device
+    shape: tuple[int, ...], key: int, stage: int, start: int, stop: int, device: torch.device
 ) -> torch.Tensor:
     """Standard normal noise for samples [start, stop) of a stream: tensor (stop - start, *shape) on ``device``.
 
@@ -47,11 +133,7 @@ def stream_noise(
     if start == stop:
         return torch.empty((0, *shape), device=device)
     first, last = start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK
-    generator = torch.Generator(device=device)
-    blocks = []
-    for block in range(first, last + 1):
-        generator.manual_seed(block_seed(seed, stage, block))
-        blocks.append(torch.randn((NOISE_BLOCK, *shape), generator=generator, device=device))
+    blocks = [block_noise(key, stage, block, shape, device) for block in range(first, last + 1)]
     noise = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
     offset = first * NOISE_BLOCK
     return noise[start - offset : stop - offset]
@@ -63,7 +145,7 @@ class Chunk:
 
     x: torch.Tensor  # (C, H, W), in [0, 1] pixel space, on the model's device
     sigma: float
-    seed: int
+    key: int  # the request's stream key (``stream_key``)
     stage: int
     start: int
     stop: int
@@ -84,27 +166,20 @@ def _noise_pieces(chunks: list[Chunk]) -> list[tuple[Chunk, int, int, int, int]]
     return pieces
 
 
-def _fill_noisy(batch: torch.Tensor, pieces: list[tuple[Chunk, int, int, int, int]]) -> None:
-    """Write x + σ·ε into the batch rows of each piece (ε: the piece's block of its stream)."""
-    generator = torch.Generator(device=batch.device)
-    for c, block, lo, hi, row in pieces:
-        generator.manual_seed(block_seed(c.seed, c.stage, block))
-        noise = torch.randn((NOISE_BLOCK, *c.x.shape), generator=generator, device=batch.device)
-        offset = block * NOISE_BLOCK
-        torch.add(c.x, noise[lo - offset : hi - offset], alpha=c.sigma, out=batch[row : row + hi - lo])
-
-
 def noisy_batch(chunks: list[Chunk], device: torch.device, channels_last: bool = False) -> torch.Tensor:
     """Concatenate x + σ·ε for every chunk: tensor (Σ sizes, C, H, W) on ``device``.
 
-    ε is ``stream_noise`` of the chunk's range, sample for sample, drawn block by block straight
-    into the batch (no intermediate copies).
+    ε is ``stream_noise`` of the chunk's range, sample for sample, drawn block by block and
+    written straight into the batch.
     """
     shape = tuple(chunks[0].x.shape)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     batch = torch.empty((sum(c.size for c in chunks), *shape), device=device, memory_format=memory_format)
-    chunks = [replace(c, x=c.x.to(device)) for c in chunks]
-    _fill_noisy(batch, _noise_pieces(chunks))
+    inputs = {id(c): c.x.to(device) for c in chunks}
+    for c, block, lo, hi, row in _noise_pieces(chunks):
+        noise = block_noise(c.key, c.stage, block, shape, device)
+        offset = block * NOISE_BLOCK
+        torch.add(inputs[id(c)], noise[lo - offset : hi - offset], alpha=c.sigma, out=batch[row : row + hi - lo])
     return batch
 
 
@@ -153,16 +228,69 @@ def sample_counts(
     """Class counts of the base classifier on ``num`` noisy copies x + N(0, σ²I).
 
     x: (C, H, W) in [0, 1] pixel space. Uses samples [start, start + num) of the stream
-    (seed, stage), in batches of at most ``batch_size``. Returns int64 counts (num_classes,) that
+    (``stream_key(seed, x)``, stage), in batches of at most ``batch_size``. Returns int64 counts (num_classes,) that
     sum to ``num``. Raises ValueError if num < 0 or batch_size < 1.
     """
     if num < 0 or batch_size < 1:
         raise ValueError(f"need num >= 0 and batch_size >= 1, got num={num}, batch_size={batch_size}")
     device = model_device(model)
+    key = stream_key(seed, x)
     x = x.to(device)
     counts = torch.zeros(num_classes, dtype=torch.long)
     for lo in range(start, start + num, batch_size):
         hi = min(lo + batch_size, start + num)
-        chunk = Chunk(x=x, sigma=sigma, seed=seed, stage=stage, start=lo, stop=hi)
+        chunk = Chunk(x=x, sigma=sigma, key=key, stage=stage, start=lo, stop=hi)
         counts += count_chunks(model, [chunk], num_classes, channels_last)[0]
     return counts
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """Count the base classifier on samples [start, stop) of noise stream ``stage``."""
+
+    stage: int
+    start: int
+    stop: int
+
+
+Procedure = Generator[SampleRequest, torch.Tensor, R]
+"""A procedure yields sample requests, receives their class counts (int64, (num_classes,)) and returns its answer."""
+
+
+def run(procedure: Procedure[R], sample: Callable[[SampleRequest], torch.Tensor]) -> R:
+    """Drive a procedure with a synchronous sampler that returns class counts for a request."""
+    try:
+        request = next(procedure)
+        while True:
+            request = procedure.send(sample(request))
+    except StopIteration as finished:
+        return finished.value
+
+
+def model_sampler(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    sigma: float,
+    num_classes: int,
+    batch_size: int,
+    seed: int,
+    channels_last: bool = False,
+) -> Callable[[SampleRequest], torch.Tensor]:
+    """A sampler for ``run`` that counts ``model`` on x + N(0, σ²I) from the seeded noise streams."""
+
+    def sample(request: SampleRequest) -> torch.Tensor:
+        return sample_counts(
+            model,
+            x,
+            request.stop - request.start,
+            sigma=sigma,
+            num_classes=num_classes,
+            batch_size=batch_size,
+            seed=seed,
+            stage=request.stage,
+            start=request.start,
+            channels_last=channels_last,
+        )
+
+    return sample

@@ -1,23 +1,21 @@
 """Sample-efficient certification: decide "certified at radius r?" and adaptive certificates.
 
-Both procedures draw their estimation samples in growing stages (looks) n_1 < … < n_K = n_max
-and may stop after any look. Error control is a **union bound over the K looks**: at each look
-the one-sided Clopper–Pearson bound is taken at level α/K. Whatever data-dependent rule picks
-the look at which we stop, a wrong answer needs at least one of the K bounds to be wrong, and
-each is wrong with probability ≤ α/K; so P(wrong certificate) ≤ α (Horváth et al., ICLR 2022
-split the level across stages the same way). With geometric stages K stays small (11 looks from
-100 to 100,000 when doubling), so the price is α → α/11 inside Φ⁻¹, a few percent of radius at most.
+Both procedures draw their estimation samples in growing stages (looks) n_1 < … < n_K ≤ n_max and
+may stop after any look. ``bound`` picks how P(wrong certificate) ≤ α is kept under that data-dependent
+stopping (``smoothing.looks``): ``"confseq"``, an anytime-valid confidence sequence checked after every
+chunk (the default); ``"union"``, Clopper–Pearson at α/K over K doubling looks; ``"union_fine"``, the same
+over ×1.25 looks.
 
-Stopping early for any other reason ("not certified at r", or "more samples would not raise
-the radius by more than the tolerance") returns no more than the bound of the look it stops at,
-so it spends no level: it may only cost power. The radius test stops for futility when even an
-optimistic projection (p_A at its upper confidence bound at ``futility_alpha``) could not reach
-the target by n_max; the adaptive certificate stops when a milder projection (p_A at its
-upper bound at ``projection_alpha``) would raise the radius by at most the tolerance.
+Stopping early for any other reason ("not certified at r", or "more samples would not raise the
+radius by more than the tolerance") returns no more than the bound of the look it stops at, so it
+spends no level: it may only cost power. The radius test stops for futility when even an optimistic
+projection (p_A at its upper confidence bound at ``futility_alpha``) could not reach the target by
+n_max; the adaptive certificate stops when a milder projection (p_A at its upper bound at
+``projection_alpha``) would raise the radius by at most the tolerance.
 
-The procedures are written once, as generators that yield ``SampleRequest``s and receive the
-class counts of those samples; ``run`` drives one with a synchronous sampler (the library) and
-the service drives the same generator with its asynchronous scheduler.
+The procedures are written once, as generators in the protocol of ``smoothing.sampling``: they
+yield ``SampleRequest``s and receive the class counts of those samples; ``run`` drives one with a
+synchronous sampler (the library) and the service drives the same generator with its scheduler.
 
 Radii are ℓ2 distances in the [0, 1] pixel space of the model's input, at its resolution.
 """
@@ -25,27 +23,33 @@ Radii are ℓ2 distances in the [0, 1] pixel space of the model's input, at its 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import torch
-from scipy.stats import norm
 from torch import nn
 
-from smoothing.sampling import ESTIMATION_STAGE, SELECTION_STAGE, new_seed, sample_counts
-from smoothing.statistics import lower_confidence_bound, probability_for_radius, upper_confidence_bound
+from smoothing.looks import DEFAULT_BOUND, DEFAULT_CHECK_EVERY, DEFAULT_FIRST_LOOK, Bound, evidence
+from smoothing.sampling import (
+    ESTIMATION_STAGE,
+    SELECTION_STAGE,
+    Procedure,
+    SampleRequest,
+    model_sampler,
+    new_seed,
+    run,
+)
+from smoothing.statistics import certified_radius, probability_for_radius, upper_confidence_bound
 
 DEFAULT_N_MAX = 100_000
-DEFAULT_FIRST_LOOK = 100
-# Doubling: a test stops at most 2x past the sample size it needed; a simulation on the shipped models'
-# p_A values gave 66x fewer samples than fixed n = 100,000 with doubling, 52x with growth sqrt(10),
-# whose fewer looks (7 instead of 11) buy only a slightly larger α/K.
-DEFAULT_GROWTH = 2.0
 # Stopping for futility spends no α (it only answers "not certified"), so its level trades samples for
-# agreement with fixed n: simulated on the shipped models' p_A (python -m bench.futility_sim), 0.01
+# agreement with fixed n: simulated on the shipped models' p_A (python -m training.studies.futility_sim), 0.01
 # gave 36x fewer samples than fixed n in the hardest cell (σ = 0.5, r = 0.25) where 0.001 gave 30x,
-# with agreement 99.8-100 % in every cell either way; 0.05 gave more (56x) at 99.2 %.
+# with agreement 99.8-100 % in every cell either way; 0.05 gave more (56x) at 99.2 %. With the confidence
+# sequence (issue 16; same simulation, prior b = 0.25, all six cells, 40 runs per image), levels 0.01 / 0.02 /
+# 0.03 / 0.05 / 0.2 gave 85x / 90x / 98x / 104x / 170x fewer samples at a lowest cell agreement of 99.3 / 99.2 /
+# 98.9 / 98.6 / 97.3 %: 0.01 stays, the largest level that keeps every cell at ≥ 99 % with a margin.
 DEFAULT_FUTILITY_ALPHA = 0.01
 DEFAULT_TOLERANCE = 0.02
 # The adaptive certificate projects the radius n_max samples would give if p_A were at its (1 - 0.05)
@@ -53,15 +57,6 @@ DEFAULT_TOLERANCE = 0.02
 # so than the radius test's futility projection (which must not lose agreement with fixed n).
 DEFAULT_PROJECTION_ALPHA = 0.05
 R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class SampleRequest:
-    """Count the base classifier on samples [start, stop) of noise stream ``stage``."""
-
-    stage: int
-    start: int
-    stop: int
 
 
 @dataclass(frozen=True)
@@ -76,16 +71,17 @@ class RadiusDecision:
     radius: float  # the target radius r
     reason: Literal["certified", "not_certified", "infeasible"]
     top_class: int | None  # ĉA from the selection samples (None when infeasible)
-    p_a_lower: float  # lower bound at level α/K at the last look (0 when infeasible)
+    p_a_lower: float  # lower bound (of ``bound``) at the last look (0 when infeasible)
     samples: int  # selection + estimation samples spent
     looks: int  # looks taken
-    max_certifiable_radius: float  # largest radius n_max samples could certify at level α/K
+    max_certifiable_radius: float  # largest radius n_max samples could certify with ``bound``
     n0: int
     n_max: int
     alpha: float
     sigma: float
     selection_counts: tuple[int, ...] = ()  # class counts of the n0 selection samples
     estimation_counts: tuple[int, ...] = ()  # class counts of all estimation samples drawn
+    bound: str = DEFAULT_BOUND
 
 
 @dataclass(frozen=True)
@@ -98,7 +94,7 @@ class AdaptiveCertificate:
 
     label: int | None
     radius: float
-    p_a_lower: float  # at level α/K, at the last look
+    p_a_lower: float  # lower bound (of ``bound``) at the last look
     top_class: int
     samples: int
     looks: int
@@ -109,35 +105,12 @@ class AdaptiveCertificate:
     tolerance: float
     selection_counts: tuple[int, ...] = ()
     estimation_counts: tuple[int, ...] = ()
+    bound: str = DEFAULT_BOUND
 
 
-def look_schedule(n_max: int, first: int = DEFAULT_FIRST_LOOK, growth: float = DEFAULT_GROWTH) -> tuple[int, ...]:
-    """Cumulative estimation sample sizes at each look: first, first·growth, …, n_max."""
-    if n_max < 1 or first < 1 or growth <= 1:
-        raise ValueError("need n_max >= 1, first >= 1 and growth > 1")
-    looks = []
-    size = float(min(first, n_max))
-    while round(size) < n_max:
-        looks.append(round(size))
-        size *= growth
-    looks.append(n_max)
-    return tuple(looks)
-
-
-def max_certifiable_radius(n_max: int, alpha_per_look: float, sigma: float) -> float:
-    """σ·Φ⁻¹((α/K)^(1/n_max)): the radius certified when all n_max samples agree."""
-    return float(sigma * norm.ppf(alpha_per_look ** (1.0 / n_max)))
-
-
-def _radius(p_a_lower: float, sigma: float) -> float:
-    return float(sigma * norm.ppf(p_a_lower)) if p_a_lower > 0.5 else 0.0
-
-
-def _best_reachable_lower_bound(count_a: int, n: int, n_max: int, alpha_look: float, futility_alpha: float) -> float:
-    """The final-look bound if p_A were as high as its (1 - futility_alpha) upper bound: a
-    plausible best case for continuing to n_max."""
-    p_up = upper_confidence_bound(count_a, n, futility_alpha)
-    return lower_confidence_bound(min(n_max, math.ceil(p_up * n_max)), n_max, alpha_look)
+def _projected_count(count_a: int, n: int, n_max: int, projection_alpha: float) -> int:
+    """ĉA's count at n_max if p_A were at its (1 - projection_alpha) upper bound: a plausible best case."""
+    return min(n_max, math.ceil(upper_confidence_bound(count_a, n, projection_alpha) * n_max))
 
 
 def _as_tuple(counts: torch.Tensor) -> tuple[int, ...]:
@@ -163,9 +136,7 @@ class _Look:
         return int(self.estimation[self.top])
 
 
-def _staged(
-    n0: int, looks: tuple[int, ...], stop: Callable[[_Look], R | None]
-) -> Generator[SampleRequest, torch.Tensor, R]:
+def _staged(n0: int, looks: tuple[int, ...], stop: Callable[[_Look], R | None]) -> Procedure[R]:
     """Selection from n0 samples, then estimation samples up to each look until ``stop`` returns a
     result (every stop rule must return one at the last look, n_max)."""
     selection = yield SampleRequest(SELECTION_STAGE, 0, n0)
@@ -188,33 +159,34 @@ def radius_test(
     n_max: int = DEFAULT_N_MAX,
     first_look: int = DEFAULT_FIRST_LOOK,
     futility_alpha: float = DEFAULT_FUTILITY_ALPHA,
-) -> Generator[SampleRequest, torch.Tensor, RadiusDecision]:
+    bound: Bound = DEFAULT_BOUND,
+    check_every: int = DEFAULT_CHECK_EVERY,
+    looks: Sequence[int] | None = None,
+) -> Procedure[RadiusDecision]:
     """Decide whether g(x) = ĉA with radius ≥ ``radius``: reject p_A ≤ Φ(r/σ) at level α.
 
-    Selection: ĉA from n0 samples. Estimation: looks at ``look_schedule(n_max)``; certified as
-    soon as the Clopper–Pearson lower bound at level α/K exceeds Φ(r/σ); not certified once even
-    the optimistic projection to n_max cannot exceed it. When r exceeds what n_max samples can
-    ever certify at level α/K, answers "infeasible" without sampling.
+    Selection: ĉA from n0 samples. Estimation: after each look of ``bound`` (module doc), certified as
+    soon as the bound excludes p_A ≤ Φ(r/σ); not certified once even the optimistic projection to
+    n_max cannot. When r exceeds what n_max samples can ever certify, answers "infeasible" without
+    sampling. ``looks`` (cumulative estimation sizes ending at n_max) replaces the bound's schedule.
     """
-    if not 0.0 < alpha < 0.5:
-        raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
-    looks = look_schedule(n_max, first_look)
-    alpha_look = alpha / len(looks)
+    test = evidence(bound, alpha, n_max, first_look=first_look, check_every=check_every, looks=looks)
     threshold = max(0.5, probability_for_radius(radius, sigma))
-    ceiling = max_certifiable_radius(n_max, alpha_look, sigma)
-    common = dict(radius=radius, max_certifiable_radius=ceiling, n0=n0, n_max=n_max, alpha=alpha, sigma=sigma)
-    if radius >= ceiling:
+    ceiling = certified_radius(test.lower(n_max, n_max), sigma)
+    common = dict(
+        radius=radius, max_certifiable_radius=ceiling, n0=n0, n_max=n_max, alpha=alpha, sigma=sigma, bound=bound
+    )
+    if radius >= ceiling or not test.rejects(n_max, n_max, threshold):
         return RadiusDecision(
             False, None, reason="infeasible", top_class=None, p_a_lower=0.0, samples=0, looks=0, **common
         )
 
     def stop(look: _Look) -> RadiusDecision | None:
-        p_a_lower = lower_confidence_bound(look.count_a, look.n, alpha_look)
-        certified = p_a_lower > threshold
+        certified = test.rejects(look.count_a, look.n, threshold)
         if not (
             certified
             or look.n == n_max
-            or (_best_reachable_lower_bound(look.count_a, look.n, n_max, alpha_look, futility_alpha) <= threshold)
+            or not test.rejects(_projected_count(look.count_a, look.n, n_max, futility_alpha), n_max, threshold)
         ):
             return None
         return RadiusDecision(
@@ -222,7 +194,7 @@ def radius_test(
             look.top if certified else None,
             reason="certified" if certified else "not_certified",
             top_class=look.top,
-            p_a_lower=p_a_lower,
+            p_a_lower=test.lower(look.count_a, look.n),
             samples=n0 + look.n,
             looks=look.k,
             **common,
@@ -230,7 +202,7 @@ def radius_test(
             estimation_counts=_as_tuple(look.estimation),
         )
 
-    return (yield from _staged(n0, looks, stop))
+    return (yield from _staged(n0, test.looks, stop))
 
 
 def adaptive_certify(
@@ -242,28 +214,29 @@ def adaptive_certify(
     tolerance: float = DEFAULT_TOLERANCE,
     first_look: int = DEFAULT_FIRST_LOOK,
     projection_alpha: float = DEFAULT_PROJECTION_ALPHA,
-) -> Generator[SampleRequest, torch.Tensor, AdaptiveCertificate]:
+    bound: Bound = DEFAULT_BOUND,
+    check_every: int = DEFAULT_CHECK_EVERY,
+    looks: Sequence[int] | None = None,
+) -> Procedure[AdaptiveCertificate]:
     """CERTIFY with an input-specific sample size.
 
-    After each look the radius is σ·Φ⁻¹(p̲A) with p̲A at level α/K; sampling stops once n_max
-    samples would raise it by at most ``tolerance`` (ℓ2) even if p_A were at its
+    After each look the radius is σ·Φ⁻¹(p̲A) with p̲A the lower bound of ``bound``; sampling stops once
+    n_max samples would raise it by at most ``tolerance`` (ℓ2) even if p_A were at its
     (1 - ``projection_alpha``) upper confidence bound, or at n_max. Abstains (label None, radius 0)
     when p̲A ≤ 1/2 at the stopping look. Inputs on which every sample agrees keep sampling to
     n_max: their radius grows with n until then.
     """
-    if not 0.0 < alpha < 0.5:
-        raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-    looks = look_schedule(n_max, first_look)
-    alpha_look = alpha / len(looks)
+    test = evidence(bound, alpha, n_max, first_look=first_look, check_every=check_every, looks=looks)
 
     def stop(look: _Look) -> AdaptiveCertificate | None:
-        p_a_lower = lower_confidence_bound(look.count_a, look.n, alpha_look)
-        radius = _radius(p_a_lower, sigma)
-        best = _best_reachable_lower_bound(look.count_a, look.n, n_max, alpha_look, projection_alpha)
-        if look.n < n_max and _radius(best, sigma) - radius > tolerance:
-            return None
+        p_a_lower = test.lower(look.count_a, look.n)
+        radius = certified_radius(p_a_lower, sigma)
+        if look.n < n_max:
+            best = test.lower(_projected_count(look.count_a, look.n, n_max, projection_alpha), n_max)
+            if certified_radius(best, sigma) - radius > tolerance:
+                return None
         return AdaptiveCertificate(
             label=look.top if p_a_lower > 0.5 else None,
             radius=radius,
@@ -278,48 +251,10 @@ def adaptive_certify(
             tolerance=tolerance,
             selection_counts=_as_tuple(look.selection),
             estimation_counts=_as_tuple(look.estimation),
+            bound=bound,
         )
 
-    return (yield from _staged(n0, looks, stop))
-
-
-def run(procedure: Generator[SampleRequest, torch.Tensor, R], sample: Callable[[SampleRequest], torch.Tensor]) -> R:
-    """Drive a procedure with a synchronous sampler that returns class counts for a request."""
-    try:
-        request = next(procedure)
-        while True:
-            request = procedure.send(sample(request))
-    except StopIteration as finished:
-        return finished.value
-
-
-def model_sampler(
-    model: nn.Module,
-    x: torch.Tensor,
-    *,
-    sigma: float,
-    num_classes: int,
-    batch_size: int,
-    seed: int,
-    channels_last: bool = False,
-) -> Callable[[SampleRequest], torch.Tensor]:
-    """A sampler for ``run`` that counts ``model`` on x + N(0, σ²I) from the seeded noise streams."""
-
-    def sample(request: SampleRequest) -> torch.Tensor:
-        return sample_counts(
-            model,
-            x,
-            request.stop - request.start,
-            sigma=sigma,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            seed=seed,
-            stage=request.stage,
-            start=request.start,
-            channels_last=channels_last,
-        )
-
-    return sample
+    return (yield from _staged(n0, test.looks, stop))
 
 
 def certify_radius(
@@ -335,13 +270,14 @@ def certify_radius(
     n_max: int = DEFAULT_N_MAX,
     seed: int | None = None,
     channels_last: bool = False,
+    bound: Bound = DEFAULT_BOUND,
 ) -> RadiusDecision:
     """``radius_test`` on a model: is x certified at ``radius``? (x: (C, H, W) in [0, 1])."""
     seed = new_seed() if seed is None else seed
     sampler = model_sampler(
         model, x, sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=seed, channels_last=channels_last
     )
-    return run(radius_test(radius=radius, sigma=sigma, alpha=alpha, n0=n0, n_max=n_max), sampler)
+    return run(radius_test(radius=radius, sigma=sigma, alpha=alpha, n0=n0, n_max=n_max, bound=bound), sampler)
 
 
 def certify_adaptive(
@@ -357,10 +293,12 @@ def certify_adaptive(
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int | None = None,
     channels_last: bool = False,
+    bound: Bound = DEFAULT_BOUND,
 ) -> AdaptiveCertificate:
     """``adaptive_certify`` on a model (x: (C, H, W) in [0, 1])."""
     seed = new_seed() if seed is None else seed
     sampler = model_sampler(
         model, x, sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=seed, channels_last=channels_last
     )
-    return run(adaptive_certify(sigma=sigma, alpha=alpha, n0=n0, n_max=n_max, tolerance=tolerance), sampler)
+    procedure = adaptive_certify(sigma=sigma, alpha=alpha, n0=n0, n_max=n_max, tolerance=tolerance, bound=bound)
+    return run(procedure, sampler)

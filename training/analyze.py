@@ -15,9 +15,9 @@ It also reports the average certified radius (Zhai et al. 2020: the mean over ex
 radius when correct, 0 when wrong or abstained). ``--common`` keeps only the example indices
 that every log holds, to compare a run over fewer images with the matching rows of a longer one.
 
-Writes ``certified_accuracy.md``, ``certified_accuracy.tex`` and the curves' PNG; with
-``--compare-bounds`` also ``bounds.md`` and ``bounds.png`` (needs the ``count_a n sigma``
-columns that ``certify`` writes).
+Writes ``certified_accuracy.md``, ``certified_accuracy.tex`` and the curves' PNG (drawn by
+``training.plots``, which also draws the service's job plots); with ``--compare-bounds`` also
+``bounds.md`` and ``bounds.png`` (needs the ``count_a n sigma`` columns that ``certify`` writes).
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from smoothing.accuracy import approximate_certified_accuracy, certified_count, true_accuracy_lower_bound
+from smoothing.accuracy import certified_count, true_accuracy_lower_bound
 from smoothing.bounds import cohen_radius, lecuyer_radius, li_radius
 from smoothing.statistics import lower_confidence_bound
+from training.plots import certified_accuracies, plot_curves
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 DEFAULT_ALPHA = 0.001
@@ -104,11 +105,6 @@ def log_alpha(log: Log, path: Path, requested: float | None) -> float:
     if requested is not None and not np.isclose(values[0], requested):
         raise ValueError(f"{path}: --alpha {requested} but the log was certified at α = {values[0]}")
     return float(values[0])
-
-
-def certified_accuracies(radii: np.ndarray, hits: np.ndarray, at: Sequence[float]) -> list[float]:
-    """Approximate certified accuracy at each radius in ``at`` (fractions of the log's examples)."""
-    return [approximate_certified_accuracy(radii, hits, r) for r in at]
 
 
 def true_accuracy_bounds(
@@ -214,33 +210,6 @@ def bounds_rows(
         for name, bound in by_bound.items():
             rows.append([label, name, *(f"{v:.3f}" for v in certified_accuracies(bound, correct(log), radii))])
     return rows, per_log
-
-
-def radius_grid(largest: float) -> np.ndarray:
-    return np.linspace(0.0, max(largest, 1e-3) * 1.05, 500)
-
-
-def plot_curves(panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Path) -> None:
-    """One panel per entry, one curve (radii, correct) per panel entry: certified accuracy against radius."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    largest = max(float(np.max(r, initial=0.0)) for curves in panels.values() for r, _ in curves.values())
-    grid = radius_grid(largest)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharey=True, squeeze=False)
-    for ax, (title, curves) in zip(axes[0], panels.items(), strict=True):
-        for label, (radii, hits) in curves.items():
-            ax.plot(grid, certified_accuracies(radii, hits, grid), label=label)
-        ax.set(title=title, xlabel="radius (ℓ2, [0, 1] pixels)", ylim=(0, 1), xlim=(0, grid[-1]))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    axes[0][0].set_ylabel("approximate certified accuracy")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
 
 
 def write(path: Path, text: str) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from tqdm import tqdm
 from models.checkpoint import CheckpointError
 from models.registry import DEFAULT_ROOT, ModelNotFound, load_model
 from smoothing import core
+from smoothing.sampling import derive_seed
 from smoothing.tuning import fold_batchnorm, prepare_for_inference, with_precision
 from training.analyze import read_log
 from training.data import DatasetNotFound, load_dataset
@@ -68,8 +68,7 @@ def example_seed(seed: int, idx: int) -> int:
 
     A hash rather than seed + idx, so that runs with nearby seeds share no example's noise.
     """
-    digest = hashlib.blake2b(f"example:{seed}:{idx}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return derive_seed("example", seed, idx)
 
 
 def selected_indices(size: int, skip: int, max_examples: int) -> list[int]:

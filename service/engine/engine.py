@@ -1,15 +1,17 @@
-"""The async face of the scheduler: PREDICT and CERTIFY as coroutines over counted samples.
+"""The async face of the scheduler: one driver for every procedure.
 
-A request is one or more ``WorkItem``s in sequence (CERTIFY: selection, then estimation); the
-decisions come from ``smoothing.core``. Awaiting coroutines can be cancelled (client gone):
-the cancellation reaches the scheduler, which drops the remaining work.
+Every request is a procedure (``smoothing.procedures.Question.procedure``): a generator that
+yields sample requests and receives their counts. ``Engine.run`` drives it, turning each sample
+request into a ``WorkItem`` for the scheduler, so PREDICT, CERTIFY and the sequential tests share
+one path, and a procedure that stops early frees its share of the device at once. Awaiting
+coroutines can be cancelled (client gone): the cancellation reaches the scheduler, which drops
+the remaining work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Generator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -17,9 +19,7 @@ import torch
 
 from service.engine.models import LoadedModel
 from service.engine.scheduler import Priority, Scheduler, WorkItem
-from smoothing.core import Certificate, Prediction, certify_from_counts, predict_from_counts
-from smoothing.sampling import ESTIMATION_STAGE, SELECTION_STAGE, new_seed
-from smoothing.sequential import SampleRequest
+from smoothing.sampling import Procedure, SampleRequest, stream_key
 
 R = TypeVar("R")
 
@@ -48,31 +48,48 @@ class Engine:
         except KeyError:
             raise UnknownModel(model_id) from None
 
-    async def count(
+    async def run(
+        self, model_id: str, x: torch.Tensor, procedure: Procedure[R], *, seed: int, priority: Priority
+    ) -> tuple[R, Timing]:
+        """Drive ``procedure`` on input x (C, H, W in [0, 1]) with the noise streams of ``seed``.
+
+        The same seed gives the same samples as ``smoothing.sampling.run`` with ``model_sampler``
+        (the library), whatever else shares the batches. One deadline covers every phase.
+        """
+        loaded = self.model(model_id)
+        x = x.to(loaded.device)
+        key = stream_key(seed, x)
+        deadline = time.monotonic() + self.timeout_s
+        timing = Timing()
+        try:
+            request = next(procedure)
+            while True:
+                counts = await self._count(loaded, x, key, request, priority, deadline, timing)
+                request = procedure.send(counts)
+        except StopIteration as finished:
+            return finished.value, timing
+
+    async def _count(
         self,
-        model_id: str,
+        loaded: LoadedModel,
         x: torch.Tensor,
-        num: int,
-        *,
-        stage: int,
-        seed: int,
+        key: int,
+        request: SampleRequest,
         priority: Priority,
         deadline: float,
         timing: Timing,
-        start: int = 0,
     ) -> torch.Tensor:
-        """Class counts (num_classes,) of samples [start, start + num) of stream (seed, stage) around x."""
-        loaded = self.model(model_id)
+        """Class counts (num_classes,) of the samples ``request`` names."""
         item = WorkItem(
-            model_id=model_id,
-            x=x.to(loaded.device),
+            model_id=loaded.manifest.id,
+            x=x,
             sigma=loaded.manifest.sigma,
-            seed=seed,
-            stage=stage,
-            num=num,
+            key=key,
+            stage=request.stage,
+            num=request.stop - request.start,
             num_classes=loaded.manifest.num_classes,
             priority=priority,
-            start=start,
+            start=request.start,
             deadline=deadline,
         )
         future = self.scheduler.submit(item)
@@ -82,84 +99,3 @@ class Engine:
         timing.queued_s += started - item.arrival
         timing.compute_s += finished - started
         return counts
-
-    def _deadline(self) -> float:
-        return time.monotonic() + self.timeout_s
-
-    async def predict(
-        self,
-        model_id: str,
-        x: torch.Tensor,
-        *,
-        n: int,
-        alpha: float,
-        seed: int | None = None,
-        priority: Priority = Priority.PREDICT,
-    ) -> tuple[Prediction, Timing]:
-        """PREDICT with the model's own σ; same seed → same samples as ``smoothing.core.predict``."""
-        seed = new_seed() if seed is None else seed
-        timing = Timing()
-        counts = await self.count(
-            model_id,
-            x,
-            n,
-            stage=ESTIMATION_STAGE,
-            seed=seed,
-            priority=priority,
-            deadline=self._deadline(),
-            timing=timing,
-        )
-        sigma = self.model(model_id).manifest.sigma
-        return predict_from_counts(counts, alpha=alpha, sigma=sigma, seed=seed), timing
-
-    async def certify(
-        self,
-        model_id: str,
-        x: torch.Tensor,
-        *,
-        n0: int,
-        n: int,
-        alpha: float,
-        seed: int | None = None,
-        priority: Priority = Priority.CERTIFY,
-    ) -> tuple[Certificate, Timing]:
-        """CERTIFY with the model's own σ: n0 selection samples, then n independent estimation samples."""
-        seed = new_seed() if seed is None else seed
-        timing = Timing()
-        deadline = self._deadline()
-        common = dict(seed=seed, priority=priority, deadline=deadline, timing=timing)
-        selection = await self.count(model_id, x, n0, stage=SELECTION_STAGE, **common)
-        estimation = await self.count(model_id, x, n, stage=ESTIMATION_STAGE, **common)
-        sigma = self.model(model_id).manifest.sigma
-        return certify_from_counts(selection, estimation, alpha=alpha, sigma=sigma, seed=seed), timing
-
-    async def run_sequential(
-        self,
-        model_id: str,
-        x: torch.Tensor,
-        procedure: Generator[SampleRequest, torch.Tensor, R],
-        *,
-        seed: int,
-        priority: Priority = Priority.CERTIFY,
-    ) -> tuple[R, Timing]:
-        """Drive a ``smoothing.sequential`` procedure with the scheduler: each look is one work item,
-        so a request that stops early frees its share of the device at once."""
-        timing = Timing()
-        deadline = self._deadline()
-        try:
-            request = next(procedure)
-            while True:
-                counts = await self.count(
-                    model_id,
-                    x,
-                    request.stop - request.start,
-                    stage=request.stage,
-                    start=request.start,
-                    seed=seed,
-                    priority=priority,
-                    deadline=deadline,
-                    timing=timing,
-                )
-                request = procedure.send(counts)
-        except StopIteration as finished:
-            return finished.value, timing

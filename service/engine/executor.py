@@ -39,15 +39,20 @@ class Executor:
         models: dict[str, LoadedModel],
         *,
         on_batch: Callable[[Batch, float], None] | None = None,
+        on_failure: Callable[[Batch, BaseException], None] | None = None,
         threads: int = 0,
+        name: str = "cpu",
     ) -> None:
+        """``name`` labels this executor's metrics (the device it computes on, e.g. "cpu" or "cuda:0")."""
         self.scheduler = scheduler
         self.models = models
+        self.name = name
         self.on_batch = on_batch  # metrics hook: (batch, seconds)
+        self.on_failure = on_failure  # metrics hook: (batch, error) of a forward pass that raised
         self.threads = threads or torch.get_num_threads()  # intra-op threads of the forward passes
         self._stop = threading.Event()
         self._running = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="executor", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"executor-{name}", daemon=True)
 
     def start(self) -> None:
         """Start the thread; then limit every other thread of the process to one intra-op thread.
@@ -88,6 +93,8 @@ class Executor:
             except Exception as e:  # a failing forward pass fails its requests, never the thread
                 log.exception("forward pass failed for %s", batch.model_id)
                 self.scheduler.fail(batch, e)
+                if self.on_failure is not None:
+                    self.on_failure(batch, e)
                 continue
             seconds = time.perf_counter() - started
             self.scheduler.complete(batch, counts, seconds)

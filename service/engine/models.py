@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from models.checkpoint import Manifest
+from models.checkpoint import Manifest, manifest_digest
 from models.registry import list_models, load_model
 from smoothing.tuning import InferencePlan, prepare_for_inference
 
@@ -20,6 +21,16 @@ class LoadedModel:
     manifest: Manifest
     plan: InferencePlan
     device: torch.device
+
+    @cached_property  # frozen dataclass: cached_property writes the instance __dict__ directly
+    def manifest_digest(self) -> str:
+        """Digest of the manifest's content (models.checkpoint.manifest_digest): names the classifier in keys."""
+        return manifest_digest(self.manifest)
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic the base classifier actually runs in (float32, or the autocast dtype)."""
+        return self.plan.precision
 
     @property
     def batch_size(self) -> int:

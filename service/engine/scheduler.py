@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -30,6 +30,8 @@ import torch
 from smoothing.sampling import NOISE_BLOCK, Chunk
 
 INTERACTIVE_WINDOW_S = 1.0
+# Samples per second assumed for a model before its first batch when no measured rate was given.
+ASSUMED_SAMPLES_PER_S = 1_000.0
 
 
 class Priority(IntEnum):
@@ -54,12 +56,12 @@ class DeadlineExceeded(Exception):
 
 @dataclass(eq=False)
 class WorkItem:
-    """Count the base classifier's predictions on samples [start, start + num) of stream (seed, stage) around x."""
+    """Count the base classifier's predictions on samples [start, start + num) of stream (key, stage) around x."""
 
     model_id: str
     x: torch.Tensor  # (C, H, W) in [0, 1], on the model's device
     sigma: float
-    seed: int
+    key: int  # the request's noise stream key (smoothing.sampling.stream_key)
     stage: int
     num: int
     num_classes: int
@@ -97,8 +99,15 @@ class Batch:
 
 class Scheduler:
     def __init__(
-        self, *, max_pending_samples: int, chunk_size: int = 4 * NOISE_BLOCK, batch_delay_s: float = 0.0
+        self,
+        *,
+        max_pending_samples: int,
+        chunk_size: int = NOISE_BLOCK,
+        batch_delay_s: float = 0.0,
+        expected_rates: Mapping[str, float] | None = None,
     ) -> None:
+        """``expected_rates``: samples per second of forward pass to assume per model until its batches
+        have been timed (the tuner's measurement), for Retry-After and the backlog."""
         if chunk_size % NOISE_BLOCK:
             raise ValueError(f"chunk_size must be a multiple of the noise block ({NOISE_BLOCK}), got {chunk_size}")
         if max_pending_samples <= 0 or batch_delay_s < 0:
@@ -109,19 +118,28 @@ class Scheduler:
         self._queues: dict[Priority, deque[WorkItem]] = {p: deque() for p in Priority}
         self._pending = 0  # samples submitted and not yet counted (or dropped)
         self._cond = threading.Condition()
-        # Rough service rate for Retry-After, updated by ``complete``.
-        self._samples_per_s = 1_000.0
+        # Per model: samples per second of forward pass, a moving average over its batches (``complete``).
+        self._rates: dict[str, float] = dict(expected_rates or {})
         self._interactive_until = 0.0  # time.monotonic() until which batches use the interactive size
 
     @property
     def pending_samples(self) -> int:
         return self._pending
 
+    def backlog_seconds(self) -> dict[str, float]:
+        """Per model with pending samples: seconds of forward passes they need at the model's recent rate.
+
+        The sum over models is how long the device needs to clear the queue if nothing more
+        arrives; it is also what Retry-After says when the queue is full.
+        """
+        with self._cond:
+            return self._backlog_seconds()
+
     def submit(self, item: WorkItem) -> Future:
         """Queue ``item``; its future resolves to its counts. Raises QueueFull beyond the bound."""
         with self._cond:
             if self._pending + item.num > self.max_pending_samples:
-                retry = max(1, round(self._pending / self._samples_per_s))
+                retry = max(1, round(sum(self._backlog_seconds().values())))
                 raise QueueFull(self._pending, self.max_pending_samples, retry)
             self._pending += item.num
             self._queues[item.priority].append(item)
@@ -164,7 +182,9 @@ class Scheduler:
                 if item.counted == item.num and not item.dropped:
                     _resolve(item.future, result=item.counts)
             if service_seconds > 0:
-                self._samples_per_s = 0.9 * self._samples_per_s + 0.1 * batch.size / service_seconds
+                rate = batch.size / service_seconds
+                previous = self._rates.get(batch.model_id)
+                self._rates[batch.model_id] = rate if previous is None else 0.9 * previous + 0.1 * rate
 
     def fail(self, batch: Batch, error: BaseException) -> None:
         """The forward pass raised: fail every item of the batch and drop its remaining work."""
@@ -173,6 +193,14 @@ class Scheduler:
                 self._drop(item, error)
 
     # -- internals (call with the lock held) --------------------------------------------------
+
+    def _backlog_seconds(self) -> dict[str, float]:
+        # Queued items not dropped hold num - counted pending samples each (in-flight chunks included).
+        pending: Counter[str] = Counter()
+        for queue in self._queues.values():
+            for item in queue:
+                pending[item.model_id] += item.num - item.counted
+        return {m: n / self._rates.get(m, ASSUMED_SAMPLES_PER_S) for m, n in pending.items() if n > 0}
 
     def _most_urgent(self) -> WorkItem | None:
         for priority in Priority:
@@ -196,7 +224,7 @@ class Scheduler:
                         break
                     size = min(self.chunk_size, item.undispatched, room)
                     first = item.start + item.dispatched
-                    chunks.append(Chunk(item.x, item.sigma, item.seed, item.stage, first, first + size))
+                    chunks.append(Chunk(item.x, item.sigma, item.key, item.stage, first, first + size))
                     items.append(item)
                     item.dispatched += size
                     item.first_dispatch = item.first_dispatch or time.monotonic()

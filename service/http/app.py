@@ -27,7 +27,10 @@ from service.engine.engine import Engine, UnknownModel
 from service.engine.executor import Executor
 from service.engine.models import load_models, pick_device
 from service.engine.scheduler import DeadlineExceeded, QueueFull, Scheduler
+from service.gpu_metrics import GPU
 from service.http import routes_health, routes_jobs, routes_models, routes_smoothing
+from service.http.response_metrics import ResponseMetrics, mark_cause
+from service.http.routes_console import add_console
 from service.http.routes_smoothing import ClientDisconnected
 from service.http.schemas import RADIUS_UNITS
 from service.http.state import Services
@@ -35,11 +38,10 @@ from service.jobs.runner import RESUME_RETRY_S, STORE_ERRORS, JobRunner
 from service.jobs.store import RedisJobStore, SqliteJobStore
 from service.jobs.uploads import UploadError
 from service.settings import Settings
+from service.signing import load_private_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer; nobody reads it
 
 DESCRIPTION = (
     "Certified predictions by randomized smoothing (Cohen, Rosenfeld & Kolter, ICML 2019). "
@@ -57,6 +59,8 @@ async def in_passing_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    # Before the minutes of model loading: a bad key file fails the start at once.
+    signing_key = None if settings.signing_key_file is None else load_private_key(settings.signing_key_file)
     device = pick_device(settings.device)
     # Loading measures each model's best batch size (seconds of forward passes): keep it off the event loop,
     # on a thread that then exits, taking its OpenMP team with it (see service.engine.executor).
@@ -72,17 +76,29 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not models:
         raise RuntimeError(f"no models found in {settings.model_dir} (set CERTSERVE_MODEL_DIR or CERTSERVE_MODELS)")
     scheduler = Scheduler(
-        max_pending_samples=settings.max_pending_samples, batch_delay_s=settings.batch_delay_ms / 1000.0
+        max_pending_samples=settings.max_pending_samples,
+        batch_delay_s=settings.batch_delay_ms / 1000.0,
+        expected_rates={model_id: m.plan.samples_per_second for model_id, m in models.items()},
     )
-    executor = Executor(scheduler, models, on_batch=metrics.record_batch, threads=settings.threads)
+    name = str(device)
+    executor = Executor(
+        scheduler,
+        models,
+        on_batch=functools.partial(metrics.record_batch, executor=name),
+        on_failure=functools.partial(metrics.record_forward_failure, executor=name),
+        threads=settings.threads,
+        name=name,
+    )
     executor.start()
-    metrics.track_pending(scheduler)
+    metrics.track_executor(name, models)
+    metrics.track_scheduler(scheduler, models)
+    GPU.watch([device])
     engine = Engine(scheduler, models, timeout_s=settings.request_timeout_s)
     cache = make_cache(settings)
     store = RedisJobStore(settings.redis_url) if settings.redis_url else SqliteJobStore(settings.job_db)
     jobs = JobRunner(store, engine)
     await jobs.start()
-    app.state.services = Services(settings, scheduler, executor, engine, cache, jobs)
+    app.state.services = Services(settings, scheduler, executor, engine, cache, jobs, signing_key)
     log.info("serving %s on %s", ", ".join(models), device)
     try:
         yield
@@ -177,9 +193,11 @@ def add_error_handlers(app: FastAPI, settings: Settings) -> None:
         return detail(404, f"unknown model {error.args[0]!r}; loaded models: {known}")
 
     async def queue_full(request: Request, error: QueueFull) -> Response:
+        mark_cause(request, "queue_full")
         return detail(503, f"server busy: {error}", headers={"Retry-After": str(error.retry_after_s)})
 
     async def deadline(request: Request, error: DeadlineExceeded) -> Response:
+        mark_cause(request, "deadline")
         return detail(
             504,
             f"the request did not finish within {settings.request_timeout_s:g} s; its remaining work was "
@@ -190,10 +208,11 @@ def add_error_handlers(app: FastAPI, settings: Settings) -> None:
         return detail(413, str(error))
 
     async def disconnected(request: Request, error: ClientDisconnected) -> Response:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return Response(status_code=metrics.CLIENT_CLOSED_REQUEST)
 
     async def store_unreachable(request: Request, error: Exception) -> Response:
         log.warning("job store unreachable on %s %s: %s", request.method, request.url.path, error)
+        mark_cause(request, "store_unreachable")
         return detail(
             503,
             f"the job store is unreachable ({type(error).__name__}); retry later",
@@ -233,6 +252,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_models.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_health.router)
+    add_console(app)
     add_error_handlers(app, settings)
     app.add_middleware(BodyLimit, limit_for=body_limit_for(settings))
+    app.add_middleware(ResponseMetrics)  # outermost of ours: it sees the body limit's 413s too
     return app

@@ -10,7 +10,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service import metrics as service_metrics
+from service.cache import RedisCache
 from service.http.schemas import Health, Readiness
+from service.http.state import Services
+from service.jobs.store import RedisJobStore
 
 router = APIRouter(tags=["health"])
 
@@ -34,13 +38,29 @@ async def ready(request: Request) -> JSONResponse:
         checks = {"models_loaded": False, "executor_alive": False}
     else:
         checks = {"models_loaded": bool(svc.engine.models), "executor_alive": svc.executor.alive}
-        if svc.settings.redis_url:
+        if isinstance(svc.cache, RedisCache):
             checks["redis"] = await svc.cache.ping()
     ok = all(checks.values())
     body = Readiness(status="ready" if ok else "not ready", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics (text exposition format)")
-async def metrics() -> Response:
+async def refresh_store_metrics(svc: Services) -> None:
+    """What only the stores know, read at each scrape: jobs by state, the job backlog, Redis reachability."""
+    jobs_readable = await svc.jobs.refresh_metrics()
+    if isinstance(svc.jobs.store, RedisJobStore):
+        service_metrics.REDIS_UP.labels("jobs").set(jobs_readable)
+    if isinstance(svc.cache, RedisCache):
+        service_metrics.REDIS_UP.labels("cache").set(await svc.cache.ping())
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format)",
+    description="The job and Redis gauges are read from the stores at each scrape (bounded to about a second).",
+)
+async def metrics(request: Request) -> Response:
+    svc = getattr(request.app.state, "services", None)
+    if svc is not None:
+        await refresh_store_metrics(svc)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

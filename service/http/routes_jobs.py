@@ -11,16 +11,20 @@ import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from service.http.auth import Caller, require_key
 from service.http.inputs import bounded, media_type_of, read_form
 from service.http.routes_smoothing import ERROR_RESPONSES, form_schema
-from service.http.schemas import JobCreated, JobParams
+from service.http.schemas import ErrorResponse, JobCreated, JobParams
 from service.http.state import services
+from service.jobs.plots import job_plot
 from service.jobs.runner import results_tsv
 from service.jobs.uploads import parse_upload
 from smoothing.sampling import new_seed
+
+PLOT_MEDIA_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
+RECENT_JOBS = 20
 
 router = APIRouter(prefix="/v1/jobs", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES, tags=["jobs"])
 
@@ -40,7 +44,8 @@ def job_not_found(job_id: str) -> HTTPException:
     response_model=JobCreated,
     summary="Start certifying a set of images",
     description="Upload a zip or tar of images, or an .npz holding `images` (N,H,W), (N,H,W,C) or (N,C,H,W) and "
-    "optional `labels`; every image is certified with n0, n and α. Answers 202 with the job's id and URLs.",
+    "optional `labels`; every image is certified with n0, n and α in the given mode (as /v1/certify). "
+    "Answers 202 with the job's id and URLs.",
     openapi_extra=JOB_FORM_DOC,
 )
 async def create_job(request: Request, caller: Caller) -> JSONResponse:
@@ -64,12 +69,37 @@ async def create_job(request: Request, caller: Caller) -> JSONResponse:
         max_total_bytes=settings.max_job_bytes,
     )
     try:
-        job_id = await svc.jobs.create(caller, parsed, loaded.manifest.id, n0, n, alpha, seed)
+        job_id = await svc.jobs.create(
+            caller,
+            parsed,
+            loaded.manifest.id,
+            n0,
+            n,
+            alpha,
+            seed,
+            mode=params.mode,
+            radius=params.radius,
+            tolerance=params.tolerance,
+        )
     except ValueError as e:  # inputs that parse_upload let through but the runner refuses
         raise HTTPException(422, str(e)) from None
     status_url = f"/v1/jobs/{job_id}"
     created = JobCreated(id=job_id, status_url=status_url, results_url=f"{status_url}/results")
     return JSONResponse(created.model_dump(), status_code=202, headers={"Location": status_url})
+
+
+@router.get(
+    "",
+    summary="The caller's recent jobs, newest first",
+    description="The statuses (as GET /v1/jobs/{id} gives them) of the newest jobs created with the caller's API key "
+    "(without authentication: every job).",
+)
+async def list_jobs(
+    request: Request,
+    caller: Caller,
+    limit: Annotated[int, Query(ge=1, le=100, description="most jobs listed")] = RECENT_JOBS,
+) -> dict[str, Any]:
+    return {"jobs": await services(request).jobs.recent(caller, limit)}
 
 
 @router.get("/{job_id}", summary="A job's state and progress (done/total, abstentions, estimated seconds left)")
@@ -101,6 +131,33 @@ async def job_results(
     if format == "tsv":
         return PlainTextResponse(results_tsv(rows), media_type="text/tab-separated-values")
     return {"id": job_id, "state": status["state"], "results": rows}
+
+
+@router.get(
+    "/{job_id}/plot.{image_format}",
+    summary="A job's plot: certified accuracy against radius (labels known) or the histogram of radii",
+    description="Drawn by the offline `analyze` code (training.plots) from the results so far: with labels, the "
+    "approximate certified accuracy at each ℓ2 radius; without, the histogram of the certified radii and how many "
+    "images abstained. 409 while the job has no result yet.",
+    response_class=Response,
+    responses={
+        200: {"content": {media: {} for media in PLOT_MEDIA_TYPES.values()}, "description": "the plot"},
+        409: {"model": ErrorResponse, "description": "the job has no result yet"},
+    },
+)
+async def job_plot_image(
+    request: Request, job_id: str, image_format: Literal["png", "svg"], caller: Caller
+) -> Response:
+    jobs = services(request).jobs
+    status = await jobs.status(job_id, caller)
+    if status is None:
+        raise job_not_found(job_id)
+    rows = await jobs.results(job_id, caller) or []
+    if not rows:
+        raise HTTPException(409, f"job {job_id!r} has no result to plot yet (state {status['state']})")
+    image = await asyncio.to_thread(job_plot, status, rows, image_format)
+    # The plot changes while the job runs: never serve a stale one from a cache.
+    return Response(image, media_type=PLOT_MEDIA_TYPES[image_format], headers={"Cache-Control": "no-store"})
 
 
 @router.delete("/{job_id}", summary="Cancel a job (finished images keep their results)")

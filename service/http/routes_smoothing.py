@@ -9,21 +9,25 @@ client goes away → answer with the decision, its counts and where the time wen
 from __future__ import annotations
 
 import asyncio
+import datetime
 import time
 from collections.abc import Awaitable
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+import torch
+from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, ValidationError
 
 from service import metrics
 from service.cache import certificate_key
 from service.engine.engine import Timing
 from service.engine.models import LoadedModel
+from service.engine.scheduler import Priority
 from service.http.auth import require_key
 from service.http.inputs import bounded, prepare, read_input
 from service.http.schemas import (
+    GUARANTEE,
     RADIUS_UNITS,
     CertifyJson,
     CertifyParams,
@@ -33,12 +37,12 @@ from service.http.schemas import (
     PredictJson,
     PredictParams,
     PredictResponse,
+    SigningKey,
 )
 from service.http.state import services
-from smoothing.core import Certificate, Prediction
-from smoothing.sampling import new_seed
-from smoothing.sequential import DEFAULT_TOLERANCE, AdaptiveCertificate, RadiusDecision, adaptive_certify, radius_test
-from smoothing.statistics import radius_from_lower_bound
+from service.signing import SIGNATURE_SCHEME, key_id, public_key_pem, sign
+from smoothing.procedures import PROCEDURE_VERSION, Question, api_question, certificate_summary
+from smoothing.sampling import input_digest, new_seed
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
@@ -57,6 +61,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES, tags=["smoothing"])
 
 T = TypeVar("T")
+SeedSource = Literal["server", "client"]
 
 
 class ClientDisconnected(Exception):
@@ -105,71 +110,43 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-def answer_fields(loaded: LoadedModel, label: int | None, timing: Timing, cached: bool) -> dict[str, Any]:
-    """The fields every answer has beside the decision's own (which come from its dataclass)."""
+def seed_of(params: CommonParams) -> tuple[int, SeedSource]:
+    """The request's seed and where it came from: the client's, or fresh server randomness."""
+    return (new_seed(), "server") if params.seed is None else (params.seed, "client")
+
+
+def answer_fields(
+    loaded: LoadedModel, x: torch.Tensor, label: int | None, seed: int, seed_source: SeedSource, timing: Timing
+) -> dict[str, Any]:
+    """The fields every answer has beside the decision's own: the model, the arithmetic, the randomness, the time."""
     manifest = loaded.manifest
     return {
         "model": manifest.id,
         "checkpoint_sha256": manifest.sha256,
+        "manifest_digest": loaded.manifest_digest,
+        "precision": loaded.precision,
+        "procedure": PROCEDURE_VERSION,
+        "input_digest": input_digest(x),
         "class_name": None if label is None else manifest.classes[label],
         "abstained": label is None,
-        "cached": cached,
+        "seed": seed,
+        "seed_source": seed_source,
+        "cached": False,
         "queued_s": timing.queued_s,
         "compute_s": timing.compute_s,
     }
 
 
-def predict_answer(prediction: Prediction, loaded: LoadedModel, timing: Timing) -> PredictResponse:
-    return PredictResponse(**asdict(prediction), **answer_fields(loaded, prediction.label, timing, cached=False))
+def at_target(answer: CertifyResponse, target_radius: float | None) -> CertifyResponse:
+    """A fixed-mode certificate answering "certified at r?": yes iff it did not abstain and radius ≥ r.
 
-
-def fixed_fields(certificate: Certificate, target_radius: float | None) -> dict[str, Any]:
-    """The paper's CERTIFY as answer fields; in decision mode, certified at r means radius ≥ r."""
-    at_radius = None if target_radius is None else (not certificate.abstained and certificate.radius >= target_radius)
-    return {
-        **asdict(certificate),
-        "mode": "fixed",
-        "n_max": certificate.n,
-        "samples": certificate.n0 + certificate.n,
-        "target_radius": target_radius,
-        "certified_at_radius": at_radius,
-    }
-
-
-def sequential_fields(result: AdaptiveCertificate | RadiusDecision, seed: int) -> dict[str, Any]:
-    """An adaptive certificate or radius decision as answer fields.
-
-    A decision also reports the radius its last bound certifies (valid like every stage's bound).
+    The target changes neither the samples nor the decision, so it is not part of the cache key:
+    the verdict is computed from the (possibly stored) certificate.
     """
-    p_a_lower = result.p_a_lower
-    certified = p_a_lower > 0.5
-    fields = {
-        "mode": "adaptive",
-        "label": result.top_class if certified else None,
-        "p_a_lower": p_a_lower,
-        "radius": radius_from_lower_bound(p_a_lower, result.sigma) if certified else 0.0,
-        "top_class": result.top_class,
-        "selection_counts": list(result.selection_counts),
-        "estimation_counts": list(result.estimation_counts),
-        "n0": result.n0 if result.samples else 0,
-        "n": max(0, result.samples - result.n0),
-        "n_max": result.n_max,
-        "samples": result.samples,
-        "alpha": result.alpha,
-        "sigma": result.sigma,
-        "seed": seed,
-    }
-    if isinstance(result, RadiusDecision):
-        fields |= {
-            "target_radius": result.radius,
-            "certified_at_radius": result.certified,
-            "max_certifiable_radius": result.max_certifiable_radius,
-        }
-    return fields
-
-
-def certify_answer(fields: dict[str, Any], loaded: LoadedModel, timing: Timing) -> CertifyResponse:
-    return CertifyResponse(**fields, **answer_fields(loaded, fields["label"], timing, cached=False))
+    if answer.mode != "fixed" or target_radius is None:
+        return answer
+    verdict = not answer.abstained and answer.radius >= target_radius
+    return answer.model_copy(update={"target_radius": target_radius, "certified_at_radius": verdict})
 
 
 def answer_from_cache(stored: dict[str, Any]) -> CertifyResponse | None:
@@ -188,7 +165,7 @@ def answer_from_cache(stored: dict[str, Any]) -> CertifyResponse | None:
     "σ) and returns the top class if a two-sided binomial test of the top two counts rejects a tie at level α; "
     "otherwise it abstains. With probability at least 1 - α a returned label is the smoothed classifier's. "
     "Send the image as multipart/form-data (field `file`, parameters as form fields) or JSON "
-    "(`image_base64`, or `array` + `shape`, parameters as keys).",
+    "(`image_base64`, or `array` + `shape`, parameters as keys). " + GUARANTEE,
     openapi_extra=request_body_doc(PredictParams, PredictJson),
 )
 async def predict(request: Request) -> PredictResponse:
@@ -200,11 +177,13 @@ async def predict(request: Request) -> PredictResponse:
     alpha = settings.default_alpha if params.alpha is None else params.alpha
     loaded, x = await prepare(svc, params, payload)
     model_id = loaded.manifest.id
-    prediction, timing = await until_disconnected(
-        request, svc.engine.predict(model_id, x, n=n, alpha=alpha, seed=params.seed)
-    )
+    question = Question("predict", loaded.manifest.sigma, alpha, n)
+    seed, seed_source = seed_of(params)
+    work = svc.engine.run(model_id, x, question.procedure(), seed=seed, priority=Priority.PREDICT)
+    prediction, timing = await until_disconnected(request, work)
     metrics.record_prediction(model_id, prediction, time.perf_counter() - started, timing)
-    return predict_answer(prediction, loaded, timing)
+    fields = {**asdict(prediction), **answer_fields(loaded, x, prediction.label, seed, seed_source, timing)}
+    return PredictResponse(**fields)
 
 
 @router.post(
@@ -216,9 +195,7 @@ async def predict(request: Request) -> PredictResponse:
     "With probability at least 1 - α the smoothed classifier's label is constant within the radius. "
     + RADIUS_UNITS
     + " mode=adaptive samples in stages up to n and stops early with the same guarantee; with `radius`, it "
-    "decides whether the input is certified at that radius (certified_at_radius). Answers are cached by "
-    "(checkpoint, σ, n0, n, α, mode, radius, tolerance, input), not by seed: asking again with any seed "
-    "returns the stored certificate (cached=true).",
+    "decides whether the input is certified at that radius (certified_at_radius). " + GUARANTEE,
     openapi_extra=request_body_doc(CertifyParams, CertifyJson),
 )
 async def certify(request: Request) -> CertifyResponse:
@@ -229,42 +206,45 @@ async def certify(request: Request) -> CertifyResponse:
     n0 = bounded("n0", params.n0 or settings.default_n0, settings.max_n)
     n = bounded("n", params.n or settings.default_n, settings.max_n)
     alpha = settings.default_alpha if params.alpha is None else params.alpha
-    tolerance = DEFAULT_TOLERANCE if params.tolerance is None else params.tolerance
     loaded, x = await prepare(svc, params, payload)
     manifest = loaded.manifest
-    # The key holds everything that determines the answer (never the seed, so nobody can fish for a lucky one).
-    mode_key = params.mode if params.mode == "fixed" or params.radius is not None else f"adaptive:tol={tolerance}"
-    key = certificate_key(
-        checkpoint_sha256=manifest.sha256,
-        sigma=manifest.sigma,
-        n0=n0,
-        n=n,
-        alpha=alpha,
-        x=x,
-        mode=mode_key,
-        radius=params.radius,
+    question = api_question(
+        params.mode, sigma=manifest.sigma, alpha=alpha, n0=n0, n=n, radius=params.radius, tolerance=params.tolerance
     )
-    stored = await svc.cache.get(key)
+    seed, seed_source = seed_of(params)
+    # Only answers from server randomness are shared: a client's seed neither reads nor writes the cache.
+    shared = seed_source == "server"
+    key = certificate_key(manifest_digest=loaded.manifest_digest, precision=loaded.precision, question=question, x=x)
+    stored = await svc.cache.get(key) if shared else None
     cached = None if stored is None else answer_from_cache(stored)
     if cached is not None:
-        metrics.record_certificate(manifest.id, cached, time.perf_counter() - started, None)
-        return cached
-    seed = new_seed() if params.seed is None else params.seed
-    if params.mode == "fixed":
-        work = svc.engine.certify(manifest.id, x, n0=n0, n=n, alpha=alpha, seed=seed)
-        certificate, timing = await until_disconnected(request, work)
-        fields = fixed_fields(certificate, params.radius)
-    else:
-        if params.radius is None:
-            procedure = adaptive_certify(sigma=manifest.sigma, alpha=alpha, n0=n0, n_max=n, tolerance=tolerance)
-        else:
-            procedure = radius_test(radius=params.radius, sigma=manifest.sigma, alpha=alpha, n0=n0, n_max=n)
-        result, timing = await until_disconnected(
-            request, svc.engine.run_sequential(manifest.id, x, procedure, seed=seed)
-        )
-        fields = sequential_fields(result, seed)
-    answer = certify_answer(fields, loaded, timing)
-    await svc.cache.put(key, answer.model_dump(exclude={"cached", "queued_s", "compute_s"}))
-    metrics.record_certificate(manifest.id, answer, time.perf_counter() - started, timing)
+        metrics.record_certificate(manifest.id, cached.abstained, cached.radius, time.perf_counter() - started, None)
+        return at_target(cached, params.radius)
+    work = svc.engine.run(manifest.id, x, question.procedure(), seed=seed, priority=Priority.CERTIFY)
+    result, timing = await until_disconnected(request, work)
+    fields = certificate_summary(result)
+    fields |= answer_fields(loaded, x, fields["label"], seed, seed_source, timing)
+    if svc.signing_key is not None:
+        fields["signed_at"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        fields["signature"] = sign(fields, svc.signing_key)
+    answer = CertifyResponse(**fields)
+    if shared:
+        await svc.cache.put(key, answer.model_dump(exclude={"cached", "queued_s", "compute_s"}))
+    metrics.record_certificate(manifest.id, answer.abstained, answer.radius, time.perf_counter() - started, timing)
     metrics.record_samples(answer.mode, answer.samples)
-    return answer
+    return at_target(answer, params.radius)
+
+
+@router.get(
+    "/signing-key",
+    response_model=SigningKey,
+    summary="The public key that verifies certificate signatures",
+    description="Ed25519 public key (PEM) of CERTSERVE_SIGNING_KEY_FILE; a certificate's `signature` covers the "
+    "fields listed in service.signing.SIGNED_FIELDS. 404 when the service signs nothing.",
+)
+async def signing_key(request: Request) -> SigningKey:
+    key = services(request).signing_key
+    if key is None:
+        raise HTTPException(404, "this service does not sign certificates (CERTSERVE_SIGNING_KEY_FILE is not set)")
+    public = key.public_key()
+    return SigningKey(algorithm=SIGNATURE_SCHEME, key_id=key_id(public), public_key_pem=public_key_pem(public))

@@ -15,6 +15,13 @@ RADIUS_UNITS = (
     "holds for every perturbation δ of the decoded, possibly resized, input with ‖δ‖₂ < radius."
 )
 
+GUARANTEE = (
+    "What the guarantee covers: one answer computed from fresh randomness is wrong with probability at most α. "
+    "The best of k tries (k seeds, or k requests) is not: it can be wrong with probability up to k·α. Answers from "
+    "server randomness are cached and shared (asking again returns the stored answer); answers from a client's "
+    "seed are for reproducibility only and never cached."
+)
+
 
 class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong, in one sentence")
@@ -34,8 +41,11 @@ class CommonParams(BaseModel):
         None,
         ge=0,
         lt=2**63,
-        description="seed of the noise; the same seed gives the same samples as the library's predict/certify. "
-        "Default: a fresh random seed, returned in the answer",
+        description="seed of the noise, for reproducing an answer: the same seed and input give the same samples "
+        "as the library's predict/certify. An answer from a client's seed is never cached nor taken from the cache "
+        "(seed_source='client'). Its guarantee holds only if the seed was chosen before seeing any answer: the "
+        "best of k tries with different seeds is wrong with probability up to k·α. Default: a fresh seed drawn by "
+        "the server (seed_source='server'), returned in the answer",
     )
     resize: bool = Field(
         False, description="resample an image or array of another height/width to the model's (bilinear)"
@@ -61,7 +71,8 @@ class CertifyParams(CommonParams):
     mode: Literal["fixed", "adaptive"] = Field(
         "fixed",
         description="'fixed': the paper's CERTIFY with exactly n estimation samples. 'adaptive': samples in "
-        "growing stages up to n and stops early, with the same guarantee (union bound over the stages): without "
+        "chunks up to n and stops early, with the same guarantee (an anytime-valid confidence sequence for p_A, "
+        "checked after every chunk): without "
         "`radius`, once more samples could not raise the radius by more than `tolerance`; with `radius`, once it "
         "is decided whether the input is certified at that radius",
     )
@@ -113,12 +124,20 @@ class CertifyJson(ImageInput, CertifyParams):
 class Answer(BaseModel):
     model: str = Field(description="id of the model that answered")
     checkpoint_sha256: str = Field(description="sha256 of the model's weights file")
+    manifest_digest: str = Field(description="sha256 of the model's manifest content (weights' sha256 included)")
+    precision: str = Field(description="arithmetic the base classifier ran in: float32, or the autocast dtype")
+    procedure: str = Field(description="version of the server's procedure constants (changes when one changes)")
+    input_digest: str = Field(description="sha256 of the decoded input's float32 pixels and shape")
     label: int | None = Field(description="predicted class index; null when the answer abstained")
     class_name: str | None = Field(description="name of the predicted class; null when abstained")
     abstained: bool
     alpha: float
     sigma: float = Field(description="σ of the Gaussian noise, in [0, 1] pixel units (the model's own)")
     seed: int = Field(description="seed whose noise samples produced this answer (on a cache hit: the original's)")
+    seed_source: Literal["server", "client"] = Field(
+        description="'server': fresh randomness drawn by the server (cacheable, shared); 'client': the request's seed "
+        "(never cached)"
+    )
     cached: bool = Field(description="true when the answer came from the certificate cache")
     queued_s: float = Field(description="seconds the request's samples waited for the device")
     compute_s: float = Field(description="seconds from the first forward pass to the last, summed over phases")
@@ -134,8 +153,8 @@ class CertifyResponse(Answer):
     mode: Literal["fixed", "adaptive"] = Field(description="which procedure ran")
     radius: float = Field(description="certified ℓ2 radius in [0, 1] pixel space at the model's input resolution")
     p_a_lower: float = Field(
-        description="one-sided Clopper-Pearson lower bound on the top class's probability (level 1 - α in fixed "
-        "mode, 1 - α/K in adaptive mode with K stages)"
+        description="lower bound on the top class's probability at level 1 - α: one-sided Clopper-Pearson in "
+        "fixed mode, the anytime-valid confidence sequence at the last chunk in adaptive mode"
     )
     top_class: int | None = Field(description="the class chosen from the selection samples (even when abstaining)")
     selection_counts: list[int] = Field(description="class counts of the n0 selection samples")
@@ -151,6 +170,21 @@ class CertifyResponse(Answer):
     max_certifiable_radius: float | None = Field(
         None, description="adaptive decision mode: the largest radius n_max samples could ever certify"
     )
+    signed_at: str | None = Field(None, description="UTC time (ISO 8601) the certificate was computed and signed")
+    signature: str | None = Field(
+        None,
+        description="base64 Ed25519 signature of the certificate's signed fields (service.signing.canonical_payload); "
+        "null when the service has no signing key. Verify with GET /v1/signing-key's public key",
+    )
+
+
+class CertifiableRadius(BaseModel):
+    radius: float = Field(
+        description="the largest ℓ2 radius fixed-mode CERTIFY can certify with n estimation samples at level α: "
+        "σ·Φ⁻¹(α^(1/n)), reached when all n samples agree"
+    )
+    n: int = Field(description="estimation samples (the query's n, default CERTSERVE_DEFAULT_N)")
+    alpha: float = Field(description="α (the query's alpha, default CERTSERVE_DEFAULT_ALPHA)")
 
 
 class ModelInfo(BaseModel):
@@ -169,6 +203,7 @@ class ModelInfo(BaseModel):
     )
     samples_per_second: float = Field(description="measured sampling throughput at that batch size")
     precision: str = Field(description="arithmetic of the base classifier: float32, or the autocast dtype")
+    max_certifiable_radius: CertifiableRadius
 
 
 class ModelList(BaseModel):
@@ -202,3 +237,16 @@ class JobParams(BaseModel):
     )
     alpha: float | None = Field(None, gt=0, lt=0.5, description="failure probability per image; default 0.001")
     seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed of the job; default: a fresh random one")
+    mode: Literal["fixed", "adaptive"] = Field("fixed", description="as for POST /v1/certify, for every image")
+    radius: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="as for POST /v1/certify: each row gets certified_at_radius"
+    )
+    tolerance: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="as for POST /v1/certify (adaptive mode without radius)"
+    )
+
+
+class SigningKey(BaseModel):
+    algorithm: str = Field(description="signature scheme: Ed25519 over service.signing.canonical_payload")
+    key_id: str = Field(description="first 16 hex digits of the SHA-256 of the raw public key")
+    public_key_pem: str = Field(description="the public key, SubjectPublicKeyInfo PEM")

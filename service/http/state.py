@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from service.cache import Cache
     from service.engine.engine import Engine
     from service.engine.executor import Executor
@@ -24,6 +26,7 @@ class Services:
     engine: Engine
     cache: Cache
     jobs: JobRunner
+    signing_key: Ed25519PrivateKey | None = None
 
     @property
     def default_model(self) -> str:

@@ -22,13 +22,12 @@ import secrets
 import sqlite3
 import time
 from collections import deque
-from typing import Any
 
 import torch
 from redis.exceptions import RedisError
 
 from service import metrics
-from service.engine.engine import Engine
+from service.engine.engine import Engine, Timing
 from service.engine.scheduler import DeadlineExceeded, Priority, QueueFull
 from service.jobs.store import (
     ACTIVE_STATES,
@@ -36,8 +35,8 @@ from service.jobs.store import (
     JobStore,
 )
 from service.jobs.uploads import ParsedUpload
-from smoothing.core import Certificate
-from smoothing.sampling import new_seed
+from smoothing.procedures import Question, Result, api_question, certificate_summary
+from smoothing.sampling import derive_seed, new_seed
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +44,14 @@ RESUME_RETRY_S = 2.0
 # What an unreachable store raises: Redis connection errors and timeouts, SQLite's operational errors.
 STORE_ERRORS = (RedisError, OSError, sqlite3.Error)
 
-TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "samples")
 ABSTAIN = -1  # the paper's "predict" for an abstention
 DEADLINE_RETRIES = 3  # an image whose deadline passed (a flood of interactive work) is tried again this often
 
 
 def image_seed(job_seed: int, idx: int) -> int:
     """The 63-bit sampling seed of image ``idx`` of a job seeded with ``job_seed``."""
-    digest = hashlib.blake2b(f"job-image:{job_seed}:{idx}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return derive_seed("job-image", job_seed, idx)
 
 
 def owner_hash(api_key: str | None) -> str | None:
@@ -70,14 +68,20 @@ def _visible(job: JobRecord | None, api_key: str | None) -> bool:
     return hmac.compare_digest(job.owner, caller)
 
 
-async def _certify(engine: Engine, job: JobRecord, x: torch.Tensor, seed: int) -> tuple[Certificate, Any]:
-    """engine.certify at job priority; waits out a full queue, retries a passed deadline a few times."""
+def job_question(job: JobRecord, sigma: float) -> Question:
+    """The procedure every image of ``job`` runs (a fixed-mode target radius changes nothing)."""
+    mode = "fixed" if job.mode == "fixed" else "adaptive"
+    radius = job.radius if job.mode == "radius" else None
+    return api_question(mode, sigma=sigma, alpha=job.alpha, n0=job.n0, n=job.n, radius=radius, tolerance=job.tolerance)
+
+
+async def _certify(engine: Engine, job: JobRecord, x: torch.Tensor, seed: int) -> tuple[Result, Timing]:
+    """The job's procedure on one image at job priority; waits out a full queue, retries a passed deadline."""
+    question = job_question(job, engine.model(job.model_id).manifest.sigma)
     deadline_misses = 0
     while True:
         try:
-            return await engine.certify(
-                job.model_id, x, n0=job.n0, n=job.n, alpha=job.alpha, seed=seed, priority=Priority.JOB
-            )
+            return await engine.run(job.model_id, x, question.procedure(), seed=seed, priority=Priority.JOB)
         except QueueFull as e:  # interactive traffic fills the queue: jobs are the ones that wait
             await asyncio.sleep(e.retry_after_s)
         except DeadlineExceeded:
@@ -98,29 +102,37 @@ async def certify_image(store: JobStore, engine: Engine, job_id: str, idx: int, 
     if job is None or job.state not in ACTIVE_STATES:
         return None
     started = time.perf_counter()
-    certificate, timing = await _certify(engine, job, inputs.images[idx], image_seed(job.seed, idx))
+    result, timing = await _certify(engine, job, inputs.images[idx], image_seed(job.seed, idx))
     seconds = time.perf_counter() - started
+    summary = certificate_summary(result)
     label = inputs.labels[idx] if inputs.labels is not None else None
+    abstained = summary["label"] is None
+    certified_at_radius = summary.get("certified_at_radius")
+    if job.mode == "fixed" and job.radius is not None:
+        certified_at_radius = not abstained and summary["radius"] >= job.radius
     row = {
         "idx": idx,
         "name": inputs.names[idx],
         "label": label,
-        "predict": certificate.label,
-        "radius": certificate.radius,
-        "correct": None if label is None else certificate.label == label,
+        "predict": summary["label"],
+        "radius": summary["radius"],
+        "correct": None if label is None else summary["label"] == label,
         "time": seconds,
-        "abstained": certificate.abstained,
-        "p_a_lower": certificate.p_a_lower,
-        "count_a": certificate.n_a,
+        "abstained": abstained,
+        "p_a_lower": summary["p_a_lower"],
+        "count_a": summary["estimation_counts"][summary["top_class"]] if summary["top_class"] is not None else 0,
+        "samples": summary["samples"],
+        "certified_at_radius": certified_at_radius,
     }
     if await store.put_result(job_id, row):
-        metrics.record_certificate(job.model_id, certificate, seconds, timing, endpoint="job")
-        metrics.record_samples("fixed", certificate.n0 + certificate.n)
+        metrics.record_certificate(job.model_id, abstained, summary["radius"], seconds, timing, endpoint="job")
+        metrics.record_samples(summary["mode"], summary["samples"])
     return row
 
 
 def results_tsv(rows: list[dict]) -> str:
-    """Rows in the paper's log format: ``idx label predict radius correct time``, tab-separated, with a header.
+    """Rows in the paper's log format plus the samples spent: ``idx label predict radius correct time samples``,
+    tab-separated, with a header (``training.analyze`` reads the first six columns).
 
     An abstention is predict -1 (radius 0); an image without a label has label -1 and correct 0.
     ``time`` is seconds for the image.
@@ -129,7 +141,10 @@ def results_tsv(rows: list[dict]) -> str:
     for r in rows:
         predict = ABSTAIN if r["predict"] is None else r["predict"]
         label = -1 if r["label"] is None else r["label"]
-        lines.append(f"{r['idx']}\t{label}\t{predict}\t{r['radius']:.4f}\t{int(bool(r['correct']))}\t{r['time']:.4f}")
+        lines.append(
+            f"{r['idx']}\t{label}\t{predict}\t{r['radius']:.4f}\t{int(bool(r['correct']))}\t{r['time']:.4f}"
+            f"\t{r.get('samples', '')}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -145,6 +160,8 @@ def _describe(error: BaseException) -> str:
 
 class JobRunner:
     """Runs jobs in this process: ``concurrency`` images in flight per job, at Priority.JOB."""
+
+    backend = "inprocess"  # the job backend label of certserve_job_backlog_images
 
     def __init__(self, store: JobStore, engine: Engine, *, concurrency: int = 8) -> None:
         if concurrency < 1:
@@ -202,8 +219,15 @@ class JobRunner:
         n: int,
         alpha: float,
         seed: int | None = None,
+        *,
+        mode: str = "fixed",
+        radius: float | None = None,
+        tolerance: float | None = None,
     ) -> str:
         """Store a new job and start it; return its id (unguessable). ``owner``: the caller's API key or None.
+
+        ``mode``: the API's 'fixed' or 'adaptive' (with ``radius``: the radius decision; without: the
+        adaptive certificate at ``tolerance``), as for /v1/certify.
 
         Raises UnknownModel for a model that is not loaded, ValueError for inputs of another
         shape than the model's or bad parameters.
@@ -211,8 +235,8 @@ class JobRunner:
         manifest = self.engine.model(model_id).manifest
         if tuple(parsed.images.shape[1:]) != tuple(manifest.input_shape) or len(parsed.images) == 0:
             raise ValueError(f"job images {list(parsed.images.shape)} do not fit model input {manifest.input_shape}")
-        if n0 < 1 or n < 1 or not 0.0 < alpha < 0.5:
-            raise ValueError(f"need n0 >= 1, n >= 1 and 0 < alpha < 0.5, got n0={n0}, n={n}, alpha={alpha}")
+        # Raises ValueError for bad parameters, before anything is stored.
+        question = api_question(mode, sigma=manifest.sigma, alpha=alpha, n0=n0, n=n, radius=radius, tolerance=tolerance)
         now = time.time()
         job = JobRecord(
             id=secrets.token_urlsafe(16),
@@ -225,6 +249,9 @@ class JobRunner:
             total=len(parsed.images),
             created=now,
             updated=now,
+            mode=question.mode,
+            radius=radius,
+            tolerance=question.tolerance,
         )
         await self.store.create(job, parsed)
         self._launch(job.id)
@@ -240,7 +267,14 @@ class JobRunner:
         job = await self.store.get(job_id)
         if not _visible(job, owner):
             return None
-        summary = await self.store.summary(job_id)
+        return await self._status(job)
+
+    async def recent(self, owner: str | None, limit: int = 20) -> list[dict]:
+        """The statuses of the newest ``limit`` jobs that ``owner`` (an API key or None) created, newest first."""
+        return [await self._status(job) for job in await self.store.recent(owner_hash(owner), limit)]
+
+    async def _status(self, job: JobRecord) -> dict:
+        summary = await self.store.summary(job.id)
         eta_s = None
         if job.state == "done":
             eta_s = 0.0
@@ -256,7 +290,15 @@ class JobRunner:
             "created": _iso(job.created),
             "updated": _iso(job.updated),
             "model_id": job.model_id,
-            "params": {"n0": job.n0, "n": job.n, "alpha": job.alpha, "seed": job.seed},
+            "params": {
+                "n0": job.n0,
+                "n": job.n,
+                "alpha": job.alpha,
+                "seed": job.seed,
+                "mode": "fixed" if job.mode == "fixed" else "adaptive",
+                "radius": job.radius,
+                "tolerance": job.tolerance,
+            },
             "error": job.error,
         }
 
@@ -319,12 +361,25 @@ class JobRunner:
                 log.exception("job %s: could not record its failure", job_id)
         await self._publish_counts()
 
-    async def _publish_counts(self) -> None:
-        """Set the jobs-by-state gauge from the store (all processes' jobs, not only this one's)."""
+    async def refresh_metrics(self, timeout_s: float = 1.0) -> bool:
+        """Read the job gauges from the store now (at a scrape), waiting at most ``timeout_s``; False if it failed."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._publish_counts()
+        except TimeoutError:
+            log.warning("job counts unavailable: the store did not answer within %.1f s", timeout_s)
+            return False
+
+    async def _publish_counts(self) -> bool:
+        """Set the jobs-by-state and job-backlog gauges from the store (all processes' jobs, not only this
+        one's); False if the store could not be read."""
         try:
             counts = await self.store.count_by_state()
+            backlog = await self.store.backlog()
         except Exception as e:  # a metric is not worth failing a job or a request for
             log.warning("job counts unavailable: %s", e)
-            return
+            return False
         for state, count in counts.items():
             metrics.JOBS.labels(state).set(count)
+        metrics.JOB_BACKLOG.labels(self.backend).set(backlog)
+        return True

@@ -46,6 +46,9 @@ class JobRecord:
     created: float = 0.0  # unix seconds
     updated: float = 0.0
     error: str | None = None
+    mode: str = "fixed"  # smoothing.procedures.Question mode: 'fixed', 'radius' or 'adaptive'
+    radius: float | None = None  # the target radius ('radius'; in 'fixed' it only adds a verdict per row)
+    tolerance: float | None = None  # 'adaptive' only
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,15 @@ class JobStore(Protocol):
     async def done_indices(self, job_id: str) -> set[int]: ...
     async def summary(self, job_id: str) -> JobSummary: ...
     async def unfinished(self) -> list[str]: ...
+    async def recent(self, owner: str | None, limit: int) -> list[JobRecord]:
+        """The newest ``limit`` jobs of ``owner`` (an owner hash, or None for jobs made without a key), newest first."""
+        ...
+
     async def count_by_state(self) -> dict[str, int]: ...
+    async def backlog(self) -> int:
+        """Images of queued or running jobs that have no result yet."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -107,7 +118,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, owner TEXT, model_id TEXT NOT NULL, n0 INTEGER NOT NULL, n INTEGER NOT NULL,
     alpha REAL NOT NULL, seed INTEGER NOT NULL, total INTEGER NOT NULL, state TEXT NOT NULL,
-    created REAL NOT NULL, updated REAL NOT NULL, error TEXT
+    created REAL NOT NULL, updated REAL NOT NULL, error TEXT,
+    mode TEXT NOT NULL DEFAULT 'fixed', radius REAL, tolerance REAL
 );
 CREATE TABLE IF NOT EXISTS job_inputs (job_id TEXT PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS job_results (
@@ -115,8 +127,11 @@ CREATE TABLE IF NOT EXISTS job_results (
     row TEXT NOT NULL, PRIMARY KEY (job_id, idx)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created);
 """
-_JOB_COLUMNS = "id, owner, model_id, n0, n, alpha, seed, total, state, created, updated, error"
+_JOB_COLUMNS = "id, owner, model_id, n0, n, alpha, seed, total, state, created, updated, error, mode, radius, tolerance"
+# Columns added after the first release, for files written by it: (name, declaration).
+_ADDED_COLUMNS = (("mode", "TEXT NOT NULL DEFAULT 'fixed'"), ("radius", "REAL"), ("tolerance", "REAL"))
 _ACTIVE_SQL = "('queued', 'running')"
 
 
@@ -130,6 +145,10 @@ class SqliteJobStore:
         self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
         self._db.executescript(_SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, declaration in _ADDED_COLUMNS:
+            if name not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         def locked() -> T:
@@ -198,9 +217,21 @@ class SqliteJobStore:
         sql = f"SELECT id FROM jobs WHERE state IN {_ACTIVE_SQL} ORDER BY created"
         return [r[0] for r in await self._call(lambda: self._db.execute(sql).fetchall())]
 
+    async def recent(self, owner: str | None, limit: int) -> list[JobRecord]:
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner IS ? ORDER BY created DESC LIMIT ?"
+        rows = await self._call(lambda: self._db.execute(sql, (owner, limit)).fetchall())
+        return [JobRecord(*row) for row in rows]
+
     async def count_by_state(self) -> dict[str, int]:
         rows = await self._call(lambda: self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
         return {state: 0 for state in STATES} | dict(rows)
+
+    async def backlog(self) -> int:
+        sql = (
+            "SELECT COALESCE(SUM(j.total - (SELECT COUNT(*) FROM job_results r WHERE r.job_id = j.id)), 0) "
+            f"FROM jobs j WHERE j.state IN {_ACTIVE_SQL}"
+        )
+        return (await self._call(lambda: self._db.execute(sql).fetchone()))[0]
 
     async def close(self) -> None:
         def close() -> None:
@@ -241,7 +272,8 @@ return 1
 class RedisJobStore:
     """Jobs in Redis under ``certserve:job:``: ``<id>`` (record hash with done/abstentions/seconds
     counters), ``<id>:results`` (idx → JSON row), ``<id>:inputs`` (.npz), plus ``active`` (set of
-    unfinished ids) and ``states`` (job counts per state)."""
+    unfinished ids), ``states`` (job counts per state) and ``owner:<owner hash or '-'>`` (the
+    owner's job ids by creation time)."""
 
     def __init__(self, url: str) -> None:
         self._redis = aioredis.from_url(url)
@@ -252,6 +284,9 @@ class RedisJobStore:
     def _key(job_id: str, part: str = "") -> str:
         return f"{REDIS_PREFIX}{job_id}{':' + part if part else ''}"
 
+    def _owner_key(self, owner: str | None) -> str:
+        return self._key("owner", owner or "-")  # an owner hash is hex: never "-"
+
     async def create(self, job: JobRecord, inputs: ParsedUpload) -> None:
         blob = await asyncio.to_thread(encode_inputs, inputs)
         fields = {k: v for k, v in vars(job).items() if v is not None}
@@ -261,6 +296,7 @@ class RedisJobStore:
             pipe.set(self._key(job.id, "inputs"), blob)
             pipe.sadd(self._key("active"), job.id)
             pipe.hincrby(self._key("states"), job.state, 1)
+            pipe.zadd(self._owner_key(job.owner), {job.id: job.created})
             await pipe.execute()
 
     async def get(self, job_id: str) -> JobRecord | None:
@@ -281,6 +317,9 @@ class RedisJobStore:
             created=float(f["created"]),
             updated=float(f["updated"]),
             error=f.get("error"),
+            mode=f.get("mode", "fixed"),
+            radius=float(f["radius"]) if "radius" in f else None,
+            tolerance=float(f["tolerance"]) if "tolerance" in f else None,
         )
 
     async def inputs(self, job_id: str) -> ParsedUpload | None:
@@ -312,9 +351,22 @@ class RedisJobStore:
         created = [await self._redis.hget(self._key(i), "created") for i in ids]
         return [i for c, i in sorted(zip(created, ids, strict=True), key=lambda p: float(p[0] or 0))]
 
+    async def recent(self, owner: str | None, limit: int) -> list[JobRecord]:
+        ids = [v.decode() for v in await self._redis.zrevrange(self._owner_key(owner), 0, limit - 1)]
+        jobs = [await self.get(job_id) for job_id in ids]
+        return [job for job in jobs if job is not None]
+
     async def count_by_state(self) -> dict[str, int]:
         raw = await self._redis.hgetall(self._key("states"))
         return {state: 0 for state in STATES} | {k.decode(): int(v) for k, v in raw.items()}
+
+    async def backlog(self) -> int:
+        ids = [v.decode() for v in await self._redis.smembers(self._key("active"))]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(self._key(job_id), ["total", "done"])
+            rows = await pipe.execute()
+        return sum(int(total or 0) - int(done or 0) for total, done in rows)
 
     async def ping(self) -> bool:
         return bool(await self._redis.ping())

@@ -17,8 +17,10 @@ from models.checkpoint import (
     WEIGHTS_FILE,
     CheckpointError,
     Manifest,
+    Normalization,
     load_checkpoint,
     load_weights,
+    manifest_digest,
     read_manifest,
     read_state_dict,
     save_checkpoint,
@@ -94,6 +96,24 @@ def test_roundtrip_keeps_manifest(saved: tuple[nn.Sequential, Path]) -> None:
     assert manifest == Manifest(sha256=sha256_of(directory / WEIGHTS_FILE), **manifest_fields())
     assert manifest.num_classes == 10
     assert manifest.weights == WEIGHTS_FILE
+
+
+def test_manifest_digest_covers_what_the_weights_hash_does_not(saved: tuple[nn.Sequential, Path]) -> None:
+    """Normalization, classes, id and architecture live outside weights.pt: each changes the digest."""
+    manifest = read_manifest(saved[1])
+    digest = manifest_digest(manifest)
+    assert digest == manifest_digest(read_manifest(saved[1])) and len(digest) == 64
+    changes = [
+        {"normalization": Normalization(mean=[0.5], std=[0.353])},
+        {"classes": [*CLASSES[:-1], "other"]},
+        {"id": "another"},
+        {"sigma": 0.5},
+        {"sha256": "0" * 64},
+    ]
+    for change in changes:
+        other = manifest.model_copy(update=change)
+        assert other.sha256 == manifest.sha256 or "sha256" in change
+        assert manifest_digest(other) != digest, change
 
 
 def test_saved_weights_are_plain_tensors(saved: tuple[nn.Sequential, Path]) -> None:

@@ -8,11 +8,6 @@ different batch composition rounds a near-tie the other way.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +19,7 @@ import numpy as np
 import pytest
 import redis
 import torch
+from live_server import running_server
 from payloads import encode_image
 from tiny_model import TINY_CLASSES, TINY_ID, TINY_SIGMA
 
@@ -36,13 +32,6 @@ pytestmark = pytest.mark.slow  # starting a server process takes several seconds
 REDIS_URL = "redis://127.0.0.1:6379/15"
 ALPHA = 0.001
 FLIPS_ALLOWED = 2
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,49 +48,16 @@ def server(
     tiny_registry: Path, tuning_cache: Path, redis_db: redis.Redis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """The base URL of a running server; on teardown it must shut down cleanly on SIGTERM."""
-    port = free_port()
     env = {
-        **os.environ,
         "CERTSERVE_MODEL_DIR": str(tiny_registry),
         "CERTSERVE_TUNING_CACHE": str(tuning_cache),
         "CERTSERVE_REDIS_URL": REDIS_URL,
         "CERTSERVE_DEVICE": "cpu",
         "CERTSERVE_PRECISION": "float32",
-        "CERTSERVE_PORT": str(port),
         "CERTSERVE_BATCH_DELAY_MS": "5",
     }
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=log, stderr=log)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(base, process, log_path)
+    with running_server(env, tmp_path_factory.mktemp("server") / "server.log") as base:
         yield base
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            code = process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-    text = log_path.read_text()
-    # uvicorn shuts down gracefully, then re-raises the signal it caught, so the exit status says SIGTERM.
-    assert code in (0, -signal.SIGTERM), text
-    assert "Application shutdown complete" in text and "Traceback" not in text, text
-
-
-def wait_until_ready(base: str, process: subprocess.Popen, log_path: Path, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"the server was not ready within {timeout_s} s:\n{log_path.read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -166,11 +122,13 @@ def test_concurrent_answers_match_the_library(server: str, plan: InferencePlan) 
 
 def test_certificate_cache_lives_in_redis(server: str, redis_db: redis.Redis) -> None:
     pixels = pixels_of(42)
-    first = post(server, "certify", pixels, {"n0": 32, "n": 128, "seed": 1})
-    assert first["cached"] is False
+    seeded = post(server, "certify", pixels, {"n0": 32, "n": 128, "seed": 1})
+    assert seeded["cached"] is False and not any(redis_db.scan_iter())  # a client's seed is never cached
+    first = post(server, "certify", pixels, {"n0": 32, "n": 128})
+    assert first["cached"] is False and first["seed_source"] == "server"
     assert any(key.startswith(b"certserve:cert:") for key in redis_db.scan_iter())
-    again = post(server, "certify", pixels, {"n0": 32, "n": 128, "seed": 2})
-    assert again["cached"] is True and again["seed"] == 1
+    again = post(server, "certify", pixels, {"n0": 32, "n": 128})
+    assert again["cached"] is True and again["seed"] == first["seed"]
     assert again["estimation_counts"] == first["estimation_counts"] and again["radius"] == first["radius"]
     ready = httpx.get(f"{server}/readyz").json()
     assert ready["checks"]["redis"] is True

@@ -36,7 +36,7 @@ def work_item(model_id: str, num: int) -> WorkItem:
         model_id=model_id,
         x=torch.zeros(1, 4, 4),
         sigma=0.25,
-        seed=0,
+        key=0,
         stage=0,
         num=num,
         num_classes=10,
@@ -73,25 +73,30 @@ def test_record_batch_counts_samples_and_passes() -> None:
     batch = Batch(model, [a, a, b], chunks)
     assert batch.size == 612
 
-    metrics.record_batch(batch, 0.02)
-    metrics.record_batch(Batch(model, [b], [Chunk(x, 0.25, 1, 0, 0, 1)]), 0.001)
+    metrics.record_batch(batch, 0.02, executor="cuda:0")
+    metrics.record_batch(Batch(model, [b], [Chunk(x, 0.25, 1, 0, 0, 1)]), 0.001, executor="cuda:0")
+    metrics.record_batch(Batch(model, [b], [Chunk(x, 0.25, 1, 0, 1, 8)]), 0.5, executor="cuda:1")
 
-    assert value("certserve_noise_samples_total", model=model) == 613
-    assert value("certserve_forward_passes_total", model=model) == 2
-    assert value("certserve_batch_samples_count", model=model) == 2
-    assert value("certserve_batch_samples_sum", model=model) == 613
+    on = {"model": model, "executor": "cuda:0"}
+    assert value("certserve_noise_samples_total", **on) == 613
+    assert value("certserve_forward_passes_total", **on) == 2
+    assert value("certserve_batch_samples_count", **on) == 2
+    assert value("certserve_batch_samples_sum", **on) == 613
     # 612 samples land in the 1024 bucket, not in 512; the single sample in the first bucket.
-    assert value("certserve_batch_samples_bucket", model=model, le="512.0") == 1
-    assert value("certserve_batch_samples_bucket", model=model, le="1024.0") == 2
-    assert value("certserve_batch_samples_bucket", model=model, le="1.0") == 1
-    assert value("certserve_forward_pass_seconds_sum", model=model) == pytest.approx(0.021)
+    assert value("certserve_batch_samples_bucket", **on, le="512.0") == 1
+    assert value("certserve_batch_samples_bucket", **on, le="1024.0") == 2
+    assert value("certserve_batch_samples_bucket", **on, le="1.0") == 1
+    assert value("certserve_forward_pass_seconds_sum", **on) == pytest.approx(0.021)
+    # The other executor's pass is its own: samples/s and busy time are per executor.
+    assert value("certserve_noise_samples_total", model=model, executor="cuda:1") == 7
+    assert value("certserve_forward_pass_seconds_sum", model=model, executor="cuda:1") == pytest.approx(0.5)
 
 
 def test_record_certificate_counts_abstentions_and_radius_of_the_rest() -> None:
     model = "metrics-certify"
-    metrics.record_certificate(model, certificate(2, 0.7), 1.5, Timing(queued_s=0.25, compute_s=1.2))
-    metrics.record_certificate(model, certificate(None, 0.0), 3.0, Timing(queued_s=0.5, compute_s=2.4))
-    metrics.record_certificate(model, certificate(2, 0.7), 0.004, None)  # a cache hit: no queue wait
+    metrics.record_certificate(model, 2 == None, 0.7, 1.5, Timing(queued_s=0.25, compute_s=1.2))
+    metrics.record_certificate(model, None is None, 0.0, 3.0, Timing(queued_s=0.5, compute_s=2.4))
+    metrics.record_certificate(model, 2 == None, 0.7, 0.004, None)  # a cache hit: no queue wait
 
     assert value("certserve_certifications_total", model=model) == 3
     assert value("certserve_abstentions_total", endpoint="certify", model=model) == 1
@@ -109,7 +114,7 @@ def test_record_certificate_counts_abstentions_and_radius_of_the_rest() -> None:
 
 def test_record_certificate_endpoint_label() -> None:
     model = "metrics-job"
-    metrics.record_certificate(model, certificate(None, 0.0), 9.0, Timing(), endpoint="job")
+    metrics.record_certificate(model, None is None, 0.0, 9.0, Timing(), endpoint="job")
     assert value("certserve_abstentions_total", endpoint="job", model=model) == 1
     assert value("certserve_abstentions_total", endpoint="certify", model=model) == 0
     assert value("certserve_request_latency_seconds_count", endpoint="job", model=model) == 1
@@ -128,12 +133,48 @@ def test_record_prediction() -> None:
     assert value("certserve_certified_radius_count", model=model) == 0
 
 
-def test_pending_samples_follow_the_scheduler() -> None:
-    scheduler = Scheduler(max_pending_samples=10_000)
-    metrics.track_pending(scheduler)
+def test_pending_samples_and_backlog_follow_the_scheduler() -> None:
+    scheduler = Scheduler(max_pending_samples=10_000, expected_rates={"metrics-backlog-a": 500.0})
+    metrics.track_scheduler(scheduler, ["metrics-backlog-a", "metrics-backlog-b"])
     assert value("certserve_pending_samples") == 0
-    scheduler.submit(work_item("metrics-pending", 3000))
+    assert REGISTRY.get_sample_value("certserve_backlog_seconds", {"model": "metrics-backlog-b"}) == 0.0
+    scheduler.submit(work_item("metrics-backlog-a", 3000))
     assert value("certserve_pending_samples") == 3000
+    assert value("certserve_backlog_seconds", model="metrics-backlog-a") == pytest.approx(6.0)  # 3000 / 500 per s
+    assert value("certserve_backlog_seconds", model="metrics-backlog-b") == 0.0
+    batch = scheduler.next_batch(lambda _, interactive: 1000, timeout=0.0)
+    scheduler.complete(batch, torch.zeros(len(batch.chunks), 10, dtype=torch.long), service_seconds=0.5)
+    # 1000 samples counted at the first measured rate: 2000 samples/s, blended 9:1 with the expected 500.
+    assert value("certserve_pending_samples") == 2000
+    assert value("certserve_backlog_seconds", model="metrics-backlog-a") == pytest.approx(2000 / 650.0)
+
+
+def test_forward_pass_failures_are_counted_per_model_and_executor() -> None:
+    scheduler = Scheduler(max_pending_samples=10_000)
+    item = work_item("metrics-failing", 100)
+    scheduler.submit(item)
+    batch = scheduler.next_batch(lambda _, interactive: 1000, timeout=0.0)
+    metrics.record_forward_failure(batch, RuntimeError("CUDA error: an illegal memory access"), executor="cuda:0")
+    assert value("certserve_forward_pass_failures_total", model="metrics-failing", executor="cuda:0") == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "cause", "expected"),
+    [
+        (200, None, "ok"),
+        (202, None, "ok"),
+        (422, None, "client_error"),
+        (404, None, "client_error"),
+        (499, None, "client_disconnect"),
+        (500, None, "server_error"),
+        (503, "queue_full", "queue_full"),
+        (504, "deadline", "deadline"),
+    ],
+)
+def test_responses_are_counted_by_route_code_and_cause(code: int, cause: str | None, expected: str) -> None:
+    route = f"/metrics-test/{code}/{cause}"
+    metrics.record_response(route, code, cause)
+    assert value("certserve_http_responses_total", route=route, code=str(code), cause=expected) == 1
 
 
 @pytest.mark.parametrize("name", ["certserve_request_latency_seconds", "certserve_queue_wait_seconds"])
@@ -146,7 +187,7 @@ def test_duration_buckets_span_5ms_to_300s(name: str) -> None:
 
 
 def test_batch_sample_buckets_are_powers_of_two() -> None:
-    metrics.record_batch(Batch("metrics-buckets", [], [Chunk(torch.zeros(1), 0.25, 0, 0, 0, 8)]), 0.01)
+    metrics.record_batch(Batch("metrics-buckets", [], [Chunk(torch.zeros(1), 0.25, 0, 0, 0, 8)]), 0.01, executor="cpu")
     assert bucket_bounds("certserve_batch_samples") == [float(2**k) for k in range(15)]
 
 

@@ -474,10 +474,20 @@ def test_alpha_inside_open_interval_is_accepted(alpha: float) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(("sigma", "distance"), [(0.25, 0.3), (0.5, 1.0), (1.0, 0.5)])
 def test_linear_radius_within_one_percent_at_a_million_samples(sigma: float, distance: float) -> None:
+    """The certified radius approaches the true distance from below, as close as n = 10⁶ samples allow.
+
+    With p_A = Φ(d/σ) and se = √(p_A(1-p_A)/n), the bound lies below p_A by z_α·se plus the
+    sampling error: a radius below σ·Φ⁻¹(p_A - (z_α + 4.5)·se) happens with probability < 4e-6 for an
+    honest sampler (and fails for noise whose projection is off by a few standard errors). At
+    σ = 0.25 and 0.5 that is within 1 % of d; at σ = 1, d = 0.5 within 2 %.
+    """
     model, x, label = linear_problem(distance, side=0)
-    cert = certify(model, x, sigma=sigma, num_classes=2, n0=100, n=1_000_000, alpha=0.001, batch_size=BIG_BATCH, seed=3)
+    n, alpha = 1_000_000, 0.001
+    cert = certify(model, x, sigma=sigma, num_classes=2, n0=100, n=n, alpha=alpha, batch_size=BIG_BATCH, seed=3)
+    p_a = norm.cdf(distance / sigma)
+    se = math.sqrt(p_a * (1 - p_a) / n)
     assert cert.label == label
-    assert 0.99 * distance <= cert.radius <= distance
+    assert sigma * norm.ppf(p_a - (norm.ppf(1 - alpha) + 4.5) * se) <= cert.radius <= distance
 
 
 @pytest.mark.slow

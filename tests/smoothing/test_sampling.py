@@ -14,12 +14,13 @@ from smoothing.sampling import (
     NOISE_BLOCK,
     SELECTION_STAGE,
     Chunk,
-    block_seed,
     count_chunks,
+    derive_seed,
     model_device,
     new_seed,
     noisy_batch,
     sample_counts,
+    stream_key,
     stream_noise,
 )
 
@@ -109,11 +110,12 @@ def test_start_offset_continues_the_stream(model: BucketClassifier, grey: torch.
 def test_count_chunks_rows_match_each_chunk_counted_alone(model: BucketClassifier) -> None:
     dark, light = torch.full(SHAPE, 0.4), torch.full(SHAPE, 0.6)
     chunks = [
-        Chunk(x=dark, sigma=0.5, seed=1, stage=SELECTION_STAGE, start=0, stop=20),
-        Chunk(x=light, sigma=0.25, seed=2, stage=ESTIMATION_STAGE, start=32, stop=129),
-        Chunk(x=dark, sigma=0.5, seed=1, stage=ESTIMATION_STAGE, start=5, stop=6),
-        Chunk(x=light, sigma=1.0, seed=3, stage=ESTIMATION_STAGE, start=0, stop=64),
+        Chunk(x=dark, sigma=0.5, key=stream_key(1, dark), stage=SELECTION_STAGE, start=0, stop=20),
+        Chunk(x=light, sigma=0.25, key=stream_key(2, light), stage=ESTIMATION_STAGE, start=32, stop=129),
+        Chunk(x=dark, sigma=0.5, key=stream_key(1, dark), stage=ESTIMATION_STAGE, start=5, stop=6),
+        Chunk(x=light, sigma=1.0, key=stream_key(3, light), stage=ESTIMATION_STAGE, start=0, stop=64),
     ]
+    seeds = {id(chunks[0]): 1, id(chunks[1]): 2, id(chunks[2]): 1, id(chunks[3]): 3}
     together = count_chunks(model, chunks, NUM_CLASSES)
     assert model.batch_sizes == [20 + 97 + 1 + 64]  # one forward pass for all chunks
     assert together.shape == (len(chunks), NUM_CLASSES)
@@ -127,7 +129,7 @@ def test_count_chunks_rows_match_each_chunk_counted_alone(model: BucketClassifie
             sigma=chunk.sigma,
             num_classes=NUM_CLASSES,
             batch_size=13,
-            seed=chunk.seed,
+            seed=seeds[id(chunk)],
             stage=chunk.stage,
             start=chunk.start,
         )
@@ -136,8 +138,8 @@ def test_count_chunks_rows_match_each_chunk_counted_alone(model: BucketClassifie
 
 def test_mixed_batch_of_two_inputs_equals_counting_each_alone(model: BucketClassifier) -> None:
     dark, light = torch.full(SHAPE, 0.35), torch.full(SHAPE, 0.65)
-    first = Chunk(x=dark, sigma=0.5, seed=11, stage=ESTIMATION_STAGE, start=0, stop=100)
-    second = Chunk(x=light, sigma=0.5, seed=12, stage=ESTIMATION_STAGE, start=0, stop=100)
+    first = Chunk(x=dark, sigma=0.5, key=stream_key(11, dark), stage=ESTIMATION_STAGE, start=0, stop=100)
+    second = Chunk(x=light, sigma=0.5, key=stream_key(12, light), stage=ESTIMATION_STAGE, start=0, stop=100)
     mixed = count_chunks(model, [first, second], NUM_CLASSES)
     assert mixed[0].tolist() == counts_of(model, dark, 100, 7, seed=11).tolist()
     assert mixed[1].tolist() == counts_of(model, light, 100, 100, seed=12).tolist()
@@ -147,15 +149,15 @@ def test_mixed_batch_of_two_inputs_equals_counting_each_alone(model: BucketClass
 
 def test_count_chunks_with_empty_chunk(model: BucketClassifier, grey: torch.Tensor) -> None:
     chunks = [
-        Chunk(x=grey, sigma=0.5, seed=1, stage=ESTIMATION_STAGE, start=10, stop=10),
-        Chunk(x=grey, sigma=0.5, seed=1, stage=ESTIMATION_STAGE, start=10, stop=40),
+        Chunk(x=grey, sigma=0.5, key=stream_key(1, grey), stage=ESTIMATION_STAGE, start=10, stop=10),
+        Chunk(x=grey, sigma=0.5, key=stream_key(1, grey), stage=ESTIMATION_STAGE, start=10, stop=40),
     ]
     counts = count_chunks(model, chunks, NUM_CLASSES)
     assert counts.sum(dim=1).tolist() == [0, 30]
 
 
 def test_count_chunks_rejects_model_with_more_classes_than_counted(model: BucketClassifier) -> None:
-    chunk = Chunk(x=torch.full(SHAPE, 0.5), sigma=0.5, seed=1, stage=ESTIMATION_STAGE, start=0, stop=8)
+    chunk = Chunk(x=torch.full(SHAPE, 0.5), sigma=0.5, key=1, stage=ESTIMATION_STAGE, start=0, stop=8)
     with pytest.raises(ValueError, match="num_classes"):
         count_chunks(model, [chunk, chunk], NUM_CLASSES - 1)
 
@@ -220,14 +222,14 @@ def test_stream_noise_is_standard_normal_and_streams_uncorrelated() -> None:
 def test_noisy_batch_is_x_plus_sigma_noise() -> None:
     x = torch.rand(SHAPE, generator=torch.Generator().manual_seed(0))
     chunks = [
-        Chunk(x=x, sigma=0.25, seed=4, stage=ESTIMATION_STAGE, start=3, stop=40),
-        Chunk(x=1 - x, sigma=0.5, seed=5, stage=SELECTION_STAGE, start=0, stop=2),
+        Chunk(x=x, sigma=0.25, key=stream_key(4, x), stage=ESTIMATION_STAGE, start=3, stop=40),
+        Chunk(x=1 - x, sigma=0.5, key=stream_key(5, 1 - x), stage=SELECTION_STAGE, start=0, stop=2),
     ]
     batch = noisy_batch(chunks, CPU)
     expected = torch.cat(
         [
-            x + 0.25 * stream_noise(SHAPE, 4, ESTIMATION_STAGE, 3, 40, CPU),
-            (1 - x) + 0.5 * stream_noise(SHAPE, 5, SELECTION_STAGE, 0, 2, CPU),
+            x + 0.25 * stream_noise(SHAPE, stream_key(4, x), ESTIMATION_STAGE, 3, 40, CPU),
+            (1 - x) + 0.5 * stream_noise(SHAPE, stream_key(5, 1 - x), SELECTION_STAGE, 0, 2, CPU),
         ]
     )
     torch.testing.assert_close(batch, expected, rtol=0, atol=1e-6)
@@ -237,11 +239,44 @@ def test_noisy_batch_is_x_plus_sigma_noise() -> None:
     assert torch.equal(channels_last, batch)
 
 
-def test_block_seeds_are_distinct_63_bit_values() -> None:
-    seeds = {block_seed(seed, stage, block) for seed in (0, 1, 2**62) for stage in (0, 1) for block in range(50)}
+def test_derived_seeds_are_distinct_values_of_the_asked_width() -> None:
+    seeds = {derive_seed(seed, stage, block) for seed in (0, 1, 2**62) for stage in (0, 1) for block in range(50)}
     assert len(seeds) == 3 * 2 * 50
     assert all(0 <= s < 2**63 for s in seeds)
-    assert block_seed(1, 0, 0) == block_seed(1, 0, 0)
+    assert derive_seed(1, 0, 0) == derive_seed(1, 0, 0)
+    wide = {derive_seed("k", i, bits=128) for i in range(100)}
+    assert len(wide) == 100 and all(0 <= k < 2**128 for k in wide) and max(wide) >= 2**120
+
+
+def test_seeds_differing_only_in_high_bits_give_different_noise() -> None:
+    """PyTorch's CPU generator keeps only 32 bits of a seed: blocks must not be seeded through it."""
+    x = torch.zeros(SHAPE)
+    low = stream_noise(SHAPE, stream_key(5, x), ESTIMATION_STAGE, 0, NOISE_BLOCK, CPU)
+    for high in (2**32 + 5, 2**40 + 5, 2**62 + 5):
+        assert not torch.equal(low, stream_noise(SHAPE, stream_key(high, x), ESTIMATION_STAGE, 0, NOISE_BLOCK, CPU))
+    # Keys differing only in their top 64 bits give different noise too.
+    assert not torch.equal(
+        stream_noise(SHAPE, 7, ESTIMATION_STAGE, 0, NOISE_BLOCK, CPU),
+        stream_noise(SHAPE, 7 + 2**100, ESTIMATION_STAGE, 0, NOISE_BLOCK, CPU),
+    )
+
+
+def test_no_two_blocks_of_a_long_stream_coincide() -> None:
+    """1,000 blocks of one stream (128,000 samples): all distinct (32-bit seeds collided at ~B²/2³³)."""
+    firsts = {
+        tuple(stream_noise((2,), 1002, ESTIMATION_STAGE, b * NOISE_BLOCK, b * NOISE_BLOCK + 1, CPU)[0].tolist())
+        for b in range(1000)
+    }
+    assert len(firsts) == 1000
+
+
+def test_one_seed_on_different_inputs_gives_independent_noise(model: BucketClassifier) -> None:
+    """A client reusing seed 0 over a test set must not give every example the same noise."""
+    a, b = torch.full(SHAPE, 0.5), torch.full(SHAPE, 0.5 + 1e-7)
+    assert stream_key(0, a) != stream_key(0, b)
+    noise_a = noisy_batch([Chunk(a, 0.5, stream_key(0, a), ESTIMATION_STAGE, 0, 64)], CPU) - a
+    noise_b = noisy_batch([Chunk(b, 0.5, stream_key(0, b), ESTIMATION_STAGE, 0, 64)], CPU) - b
+    assert (noise_a - noise_b).abs().max() > 0.1
 
 
 def test_new_seed_is_fresh_63_bit_value() -> None:

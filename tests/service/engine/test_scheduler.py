@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from service.engine.scheduler import Priority, Scheduler, WorkItem
+from service.engine.scheduler import Priority, QueueFull, Scheduler, WorkItem
 
 MODEL = "m"
 
@@ -14,7 +15,7 @@ def item(num: int, priority: Priority, seed: int = 0, model_id: str = MODEL) -> 
         model_id=model_id,
         x=torch.zeros(1, 2, 2),
         sigma=0.5,
-        seed=seed,
+        key=seed,
         stage=1,
         num=num,
         num_classes=3,
@@ -69,3 +70,20 @@ def test_completing_a_batch_resolves_finished_items_with_their_counts() -> None:
     scheduler.complete(batch, counts, service_seconds=0.01)
     assert future.result(timeout=1).tolist() == [60, 40, 0]
     assert scheduler.pending_samples == 0
+
+
+def test_backlog_is_pending_samples_over_each_models_rate_and_sets_retry_after() -> None:
+    scheduler = Scheduler(max_pending_samples=10_000, expected_rates={"a": 1000.0, "b": 250.0})
+    scheduler.submit(item(4000, Priority.CERTIFY, model_id="a"))
+    scheduler.submit(item(1000, Priority.JOB, model_id="b"))
+    assert scheduler.backlog_seconds() == {"a": 4.0, "b": 4.0}
+    # A full queue asks the client to come back once the backlog of every model is cleared.
+    with pytest.raises(QueueFull) as full:
+        scheduler.submit(item(6000, Priority.PREDICT, model_id="a"))
+    assert full.value.retry_after_s == 8
+    # Timed batches replace the expectation: model a runs 1024 samples in 0.256 s (4000 samples/s).
+    batch = batch_of(scheduler)
+    assert batch.model_id == "a" and batch.size == 1024
+    scheduler.complete(batch, torch.zeros(len(batch.chunks), 3, dtype=torch.long), service_seconds=0.256)
+    rate_a = 0.9 * 1000.0 + 0.1 * 4000.0
+    assert scheduler.backlog_seconds() == pytest.approx({"a": (4000 - 1024) / rate_a, "b": 4.0})

@@ -190,18 +190,18 @@ def test_certify_matches_the_library(client: TestClient) -> None:
     assert (body["n0"], body["n"], body["alpha"], body["seed"], body["cached"]) == (64, 512, ALPHA, SEED, False)
 
 
-def test_certify_again_with_another_seed_is_a_cache_hit(client: TestClient) -> None:
+def test_certify_again_without_a_seed_is_a_cache_hit(client: TestClient) -> None:
     upload = png_upload(speckle(2))
-    first = client.post("/v1/certify", files=upload, data={"n0": "32", "n": "128", "seed": "1"}).json()
+    first = client.post("/v1/certify", files=upload, data={"n0": "32", "n": "128"}).json()
     hits = REGISTRY.get_sample_value("certserve_cache_requests_total", {"result": "hit"})
-    again = client.post("/v1/certify", files=upload, data={"n0": "32", "n": "128", "seed": "2"}).json()
+    again = client.post("/v1/certify", files=upload, data={"n0": "32", "n": "128"}).json()
     assert first["cached"] is False and again["cached"] is True
-    assert again["seed"] == 1  # the seed that produced the stored certificate, not this request's
+    assert again["seed"] == first["seed"]  # the seed that produced the stored certificate
     same = ("label", "radius", "p_a_lower", "selection_counts", "estimation_counts", "n0", "n", "alpha")
     assert {k: again[k] for k in same} == {k: first[k] for k in same}
     assert REGISTRY.get_sample_value("certserve_cache_requests_total", {"result": "hit"}) == hits + 1
-    other_n = client.post("/v1/certify", files=upload, data={"n0": "32", "n": "160", "seed": "2"}).json()
-    assert other_n["cached"] is False and other_n["seed"] == 2
+    other_n = client.post("/v1/certify", files=upload, data={"n0": "32", "n": "160"}).json()
+    assert other_n["cached"] is False and other_n["seed"] != first["seed"]
 
 
 def test_defaults_apply_when_parameters_are_left_out(client: TestClient) -> None:
@@ -350,7 +350,8 @@ def test_health_and_metrics(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert f'certserve_request_latency_seconds_count{{endpoint="predict",model="{TINY_ID}"}}' in text
     assert "certserve_pending_samples 0.0" in text
-    assert f'certserve_batch_samples_bucket{{le="16384.0",model="{TINY_ID}"}}' in text
+    assert f'certserve_batch_samples_bucket{{executor="cpu",le="16384.0",model="{TINY_ID}"}}' in text
+    assert 'certserve_http_responses_total{cause="ok",code="200",route="/v1/predict"}' in text
 
 
 def test_openapi_documents_both_bodies_and_the_radius_units(client: TestClient) -> None:
@@ -429,7 +430,7 @@ def test_jobs_are_visible_only_to_their_key(keyed: TestClient) -> None:
     assert [r["idx"] for r in rows] == [0, 1] and [r["label"] for r in rows] == [0, 1]
     tsv = keyed.get(job["results_url"], params={"format": "tsv"}, headers=bearer("key-one"))
     assert tsv.headers["content-type"].startswith("text/tab-separated-values")
-    assert tsv.text.splitlines()[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"]
+    assert tsv.text.splitlines()[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time", "samples"]
     assert len(tsv.text.splitlines()) == 3
 
 
@@ -474,7 +475,7 @@ def test_predict_finishes_while_a_large_certification_is_in_flight(make_settings
 def test_concurrent_requests_share_forward_passes(client: TestClient) -> None:
     """K requests of 100 samples each (below the scheduler's 128-sample chunk): a forward pass of more than
     128 samples can only have been filled from several requests."""
-    labels = {"model": TINY_ID}
+    labels = {"model": TINY_ID, "executor": "cpu"}
     chunk_size = client.app.state.services.scheduler.chunk_size
     assert chunk_size == 128
     before_all = histogram_count("certserve_batch_samples", labels)

@@ -92,14 +92,20 @@ def test_fixed_mode_answers_the_radius_question_from_the_paper_certificate(clien
 
 
 def test_cache_key_tells_modes_radii_and_tolerances_apart(client: TestClient) -> None:
-    first = certify(client, mode="adaptive", radius=0.1, n=5_000, seed=6)
-    assert not first["cached"]
-    again = certify(client, mode="adaptive", radius=0.1, n=5_000, seed=7)
-    assert again["cached"] and again["seed"] == 6 and again["samples"] == first["samples"]
-    assert not certify(client, mode="adaptive", radius=0.2, n=5_000, seed=6)["cached"]
-    assert not certify(client, mode="adaptive", n=5_000, seed=6)["cached"]
-    assert not certify(client, mode="adaptive", n=5_000, tolerance=0.1, seed=6)["cached"]
-    assert not certify(client, mode="fixed", radius=0.1, n=5_000, seed=6)["cached"]
+    first = certify(client, mode="adaptive", radius=0.1, n=5_000)
+    assert not first["cached"] and first["seed_source"] == "server"
+    again = certify(client, mode="adaptive", radius=0.1, n=5_000)
+    assert again["cached"] and again["seed"] == first["seed"] and again["samples"] == first["samples"]
+    assert not certify(client, mode="adaptive", radius=0.2, n=5_000)["cached"]
+    assert not certify(client, mode="adaptive", n=5_000)["cached"]
+    assert not certify(client, mode="adaptive", n=5_000, tolerance=0.1)["cached"]
+    fixed = certify(client, mode="fixed", radius=0.1, n=5_000)
+    assert not fixed["cached"]
+    # A fixed-mode target changes neither the samples nor the certificate: another target is a hit,
+    # with its verdict computed from the stored certificate.
+    other = certify(client, mode="fixed", radius=0.3, n=5_000)
+    assert other["cached"] and other["seed"] == fixed["seed"] and other["target_radius"] == 0.3
+    assert other["certified_at_radius"] == (not other["abstained"] and other["radius"] >= 0.3)
 
 
 def test_bad_mode_parameters_are_422(client: TestClient) -> None:

@@ -22,6 +22,8 @@ from service.jobs.runner import JobRunner, certify_image, image_seed, owner_hash
 from service.jobs.store import JobRecord, JobStore, RedisJobStore, SqliteJobStore, decode_inputs, encode_inputs
 from service.jobs.uploads import ParsedUpload
 from smoothing.core import certify
+from smoothing.procedures import api_question, certificate_summary
+from smoothing.sampling import model_sampler, run
 from smoothing.tuning import InferencePlan, fold_batchnorm
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -110,7 +112,7 @@ class GatedEngine:
         by_seed = {image_seed(SEED, idx): idx for idx in range(total)}
         return [by_seed[s] for s in self.seeds]
 
-    async def certify(self, model_id: str, x: torch.Tensor, **kwargs):
+    async def run(self, model_id: str, x: torch.Tensor, procedure, **kwargs):
         self.seeds.append(kwargs["seed"])
         gate = self.gates.get(kwargs["seed"])
         if gate is not None and not gate.is_set():
@@ -122,7 +124,7 @@ class GatedEngine:
                 raise
             finally:
                 self.waiting -= 1
-        return await self.engine.certify(model_id, x, **kwargs)
+        return await self.engine.run(model_id, x, procedure, **kwargs)
 
 
 async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
@@ -209,6 +211,26 @@ def test_store_contract(make_store) -> None:
     asyncio.run(scenario())
 
 
+def test_recent_lists_an_owners_jobs_newest_first(make_store) -> None:
+    async def scenario() -> None:
+        store = make_store()
+        owners = [owner_hash("a"), owner_hash("b"), owner_hash("a"), None, owner_hash("a")]
+        for i, owner in enumerate(owners):
+            job = JobRecord(
+                id=f"job-{i}", owner=owner, model_id="tiny", n0=1, n=1, alpha=0.01, seed=i, total=1, created=100.0 + i
+            )
+            await store.create(job, random_upload(1))
+        await store.set_state("job-2", "done")
+        mine = await store.recent(owner_hash("a"), 10)
+        assert [job.id for job in mine] == ["job-4", "job-2", "job-0"] and mine[1].state == "done"
+        assert [job.id for job in await store.recent(owner_hash("a"), 2)] == ["job-4", "job-2"]
+        assert [job.id for job in await store.recent(None, 10)] == ["job-3"]
+        assert await store.recent(owner_hash("nobody"), 10) == []
+        await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_redis_keys_carry_the_prefix(redis_url) -> None:
     async def scenario() -> None:
         store = RedisJobStore(redis_url)
@@ -240,7 +262,15 @@ def test_job_runs_to_completion_and_matches_the_library(engine, sqlite_store) ->
     job_id, status, rows = asyncio.run(scenario())
     assert len(job_id) >= 22
     assert status["done"] == status["total"] == 6 and status["eta_s"] == 0.0
-    assert status["params"] == {"n0": 16, "n": 64, "alpha": 0.001, "seed": SEED}
+    assert status["params"] == {
+        "n0": 16,
+        "n": 64,
+        "alpha": 0.001,
+        "seed": SEED,
+        "mode": "fixed",
+        "radius": None,
+        "tolerance": None,
+    }
     assert [r["idx"] for r in rows] == list(range(6))
     assert [r["name"] for r in rows] == upload.names and [r["label"] for r in rows] == upload.labels
     plan = engine.model("tiny").plan
@@ -486,12 +516,64 @@ def test_certify_image_writes_once_and_skips_finished_jobs(engine, sqlite_store)
 
 def test_results_tsv_is_the_papers_format() -> None:
     rows = [
-        {"idx": 0, "label": 3, "predict": 3, "radius": 0.51234, "correct": True, "time": 1.5},
-        {"idx": 1, "label": 2, "predict": None, "radius": 0.0, "correct": False, "time": 0.25},
-        {"idx": 2, "label": None, "predict": 7, "radius": 1.0, "correct": None, "time": 0.125},
+        {"idx": 0, "label": 3, "predict": 3, "radius": 0.51234, "correct": True, "time": 1.5, "samples": 10100},
+        {"idx": 1, "label": 2, "predict": None, "radius": 0.0, "correct": False, "time": 0.25, "samples": 300},
+        {"idx": 2, "label": None, "predict": 7, "radius": 1.0, "correct": None, "time": 0.125, "samples": 100100},
     ]
     lines = results_tsv(rows).splitlines()
-    assert lines[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"]
-    assert lines[1].split("\t") == ["0", "3", "3", "0.5123", "1", "1.5000"]
-    assert lines[2].split("\t") == ["1", "2", "-1", "0.0000", "0", "0.2500"]
-    assert lines[3].split("\t") == ["2", "-1", "7", "1.0000", "0", "0.1250"]
+    assert lines[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time", "samples"]
+    assert lines[1].split("\t") == ["0", "3", "3", "0.5123", "1", "1.5000", "10100"]
+    assert lines[2].split("\t") == ["1", "2", "-1", "0.0000", "0", "0.2500", "300"]
+    assert lines[3].split("\t") == ["2", "-1", "7", "1.0000", "0", "0.1250", "100100"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "radius", "tolerance"), [("adaptive", 0.05, None), ("adaptive", None, 0.5), ("fixed", 0.05, None)]
+)
+def test_jobs_run_every_mode_like_certify(engine, sqlite_store, mode, radius, tolerance) -> None:
+    """The job's rows are what /v1/certify's procedure gives each image, with the samples it spent."""
+    upload = random_upload(3)
+
+    async def scenario() -> tuple[dict, list[dict]]:
+        runner = JobRunner(sqlite_store(), engine, concurrency=3)
+        await runner.start()
+        job_id = await runner.create(
+            None, upload, "tiny", n0=16, n=800, alpha=0.001, seed=SEED, mode=mode, radius=radius, tolerance=tolerance
+        )
+        await until(lambda: state_is(runner, job_id, "done"))
+        status, rows = await runner.status(job_id, None), await runner.results(job_id, None)
+        await runner.stop()
+        return status, rows
+
+    status, rows = asyncio.run(scenario())
+    assert status["params"]["mode"] == mode and status["params"]["radius"] == radius
+    plan = engine.model("tiny").plan
+    question = api_question(mode, sigma=0.25, alpha=0.001, n0=16, n=800, radius=radius, tolerance=tolerance)
+    for row in rows:
+        sampler = model_sampler(
+            plan.model,
+            upload.images[row["idx"]],
+            sigma=0.25,
+            num_classes=10,
+            batch_size=64,
+            seed=image_seed(SEED, row["idx"]),
+        )
+        expected = certificate_summary(run(question.procedure(), sampler))
+        assert row["samples"] == expected["samples"] and row["predict"] == expected["label"]
+        if radius is not None:
+            assert row["certified_at_radius"] == (
+                expected["certified_at_radius"]
+                if mode == "adaptive"
+                else (not row["abstained"] and row["radius"] >= radius)
+            )
+    if mode == "fixed":
+        assert all(r["samples"] == 816 for r in rows)
+
+
+def test_a_job_with_bad_mode_parameters_is_refused(engine, sqlite_store) -> None:
+    async def scenario() -> None:
+        runner = JobRunner(sqlite_store(), engine)
+        with pytest.raises(ValueError, match="alpha"):
+            await runner.create(None, random_upload(1), "tiny", n0=16, n=64, alpha=0.7)
+
+    asyncio.run(scenario())

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.futility_sim import simulate
+from training.studies.futility_sim import simulate
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\tcount_a\tn\tsigma\talpha\n"
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.sample_efficiency import main, samples_within_tolerance
+from training.studies.sample_efficiency import main, samples_within_tolerance
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LOG = REPO / "results/fmnist/certify-sigma0.25.tsv"
 
 

@@ -2,7 +2,7 @@
 
     certify --model fmnist-resnet-sigma0.25 --skip 100 --max 100 --n 100000 \\
         --out results/fmnist/certify-n100k-sigma0.25.tsv           # the reference, in the background
-    python -m bench.sample_efficiency --models fmnist-resnet-sigma0.25 fmnist-resnet-sigma0.50
+    python -m training.studies.sample_efficiency --models fmnist-resnet-sigma0.25 fmnist-resnet-sigma0.50
 
 For every image of each reference log and every radius r, ``certify_radius`` decides "certified
 at r?" with at most n_max estimation samples; the fixed-n reference says certified at r when it
@@ -26,7 +26,8 @@ from scipy.stats import norm
 from tqdm import tqdm
 
 from models.registry import DEFAULT_ROOT, load_model
-from smoothing.sequential import DEFAULT_N_MAX, DEFAULT_TOLERANCE, certify_adaptive, certify_radius, look_schedule
+from smoothing.looks import BOUNDS, DEFAULT_BOUND, Bound, evidence
+from smoothing.sequential import DEFAULT_N_MAX, DEFAULT_TOLERANCE, certify_adaptive, certify_radius
 from smoothing.tuning import prepare_for_inference
 from training.analyze import read_log
 from training.certify import example_seed
@@ -104,6 +105,7 @@ def measure_model(
     tolerances: list[float],
     seed: int,
     registry: Path = DEFAULT_ROOT,
+    bound: Bound = DEFAULT_BOUND,
 ) -> dict:
     model, manifest = load_model(registry, model_id)
     plan = prepare_for_inference(model, manifest.input_shape, cache_key=manifest.sha256)
@@ -117,6 +119,7 @@ def measure_model(
         n0=N0,
         n_max=n_max,
         channels_last=plan.channels_last,
+        bound=bound,
     )
     decisions: dict[float, list[dict]] = {r: [] for r in radii}
     adaptive: dict[float, list[dict]] = {t: [] for t in tolerances}
@@ -151,6 +154,7 @@ def measure_model(
     fixed_curve = certified_accuracy_curve(reference["predict"], reference["label"], reference["radius"])
     return {
         "model": model_id,
+        "bound": bound,
         "sigma": manifest.sigma,
         "images": len(rows),
         "fixed_samples": fixed_samples,
@@ -167,14 +171,26 @@ def measure_model(
 
 
 def markdown(results: list[dict], command: str) -> str:
-    looks = look_schedule(results[0]["n_max"])
+    bound = results[0].get("bound", "union")  # the first round (issue 5) measured the union bound only
+    looks = evidence(bound, ALPHA, results[0]["n_max"]).looks
+    how = (
+        f"staged Clopper–Pearson at α/K, K = {len(looks)} looks at {', '.join(f'{n:,}' for n in looks)} estimation "
+        "samples"
+        if bound != "confseq"
+        else f"the mixture confidence sequence checked after each of {len(looks)} chunks"
+    )
+    ceiling = (
+        "level α/K instead of α lowers the largest radius n_max samples can certify (σ·Φ⁻¹((α/K)^(1/n_max)) "
+        "instead of σ·Φ⁻¹(α^(1/n_max)))"
+        if bound != "confseq"
+        else "the confidence sequence's largest radius at n_max sits a little below fixed n's σ·Φ⁻¹(α^(1/n_max))"
+    )
     lines = [
-        "## Sample-efficient certification (issue 5)",
+        f"## Sample-efficient certification on the models, bound `{bound}` (issue 5)",
         "",
         f"Command: `{command}`",
         "",
-        f'Decision "certified at r?" (`certify_radius`, staged Clopper–Pearson at α/K, K = {len(looks)} looks '
-        f"at {', '.join(f'{n:,}' for n in looks)} estimation samples) against the paper's CERTIFY with "
+        f'Decision "certified at r?" (`certify_radius`, {how}) against the paper\'s CERTIFY with '
         f"n = {results[0]['fixed_samples'] - N0:,} on the same images (α = {ALPHA}, n0 = {N0} both).",
         "",
         "| model | σ | r | mean samples | p95 samples | fewer samples (×) | agreement | certified (fixed / seq.) |",
@@ -243,9 +259,8 @@ def markdown(results: list[dict], command: str) -> str:
         + "; ".join(verdicts)
         + ". Larger tolerances buy fewer samples at the cost the curve gaps show.",
         "",
-        "The largest gap sits at the end of the curve: level α/K instead of α lowers the largest radius "
-        "n_max samples can certify (σ·Φ⁻¹((α/K)^(1/n_max)) instead of σ·Φ⁻¹(α^(1/n_max))), and every image "
-        "on which all samples agree sits at that ceiling.",
+        f"The largest gap sits at the end of the curve: {ceiling}, and every image on which all samples agree "
+        "sits at that ceiling.",
     ]
     lines += [
         "",
@@ -274,33 +289,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-max", type=int, default=DEFAULT_N_MAX)
     parser.add_argument("--tolerances", nargs="+", type=float, default=[DEFAULT_TOLERANCE, 0.05, 0.1])
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--bound", default=DEFAULT_BOUND, choices=BOUNDS)
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/sample-efficiency/results.json"))
+    parser.add_argument("--out", type=Path, default=Path("results/sample-efficiency/results.json"))
     parser.add_argument(
         "--report",
         type=Path,
-        default=Path("bench/results/sample-efficiency/report.md"),
-        help="Markdown section; BENCHMARKS.md includes it when python -m bench renders",
+        default=Path("results/sample-efficiency/report.md"),
+        help="Markdown section; BENCHMARKS.md includes it when python -m bench renders (bench/report.py)",
     )
     parser.add_argument("--render-only", action="store_true", help="rewrite --report from --out, measuring nothing")
     args = parser.parse_args(argv)
     if args.render_only:
         recorded = args.out.with_suffix(".command")
-        command = recorded.read_text() if recorded.exists() else "python -m bench.sample_efficiency"
+        command = recorded.read_text() if recorded.exists() else "python -m training.studies.sample_efficiency"
         args.report.write_text(markdown(json.loads(args.out.read_text()), command))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
     results = [
         measure_model(
-            m, reference_path(args.fixed_dir, m), args.radii, args.n_max, args.tolerances, args.seed, args.registry
+            m,
+            reference_path(args.fixed_dir, m),
+            args.radii,
+            args.n_max,
+            args.tolerances,
+            args.seed,
+            args.registry,
+            args.bound,
         )
         for m in args.models
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
-    command = "python -m bench.sample_efficiency " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m training.studies.sample_efficiency " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.with_suffix(".command").write_text(command.strip())
     args.report.write_text(markdown(results, command.strip()))
     print(args.report.read_text())

@@ -1,6 +1,6 @@
 """Simulate the radius test on the reference images' p_A to choose the futility level (issue 5).
 
-    python -m bench.futility_sim --levels 0.001 0.01 0.05 --repeats 20
+    python -m training.studies.futility_sim --levels 0.001 0.01 0.05 --repeats 20
 
 For every image of the fixed-n reference logs, p_A is taken to be its count_a / n at n = 100,000
 and ``smoothing.sequential.radius_test`` is run on binomial draws of that p_A (no model): mean
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.sample_efficiency import ALPHA, N0
 from smoothing.sequential import DEFAULT_N_MAX, radius_test, run
 from training.analyze import read_log
+from training.studies.sample_efficiency import ALPHA, N0
 
 
 def simulate(log: Path, sigma: float, radius: float, level: float, repeats: int, rng: np.random.Generator) -> dict:

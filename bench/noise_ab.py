@@ -1,0 +1,118 @@
+"""The noise construction's cost: library CERTIFY throughput over L, before and after the 128-bit block keys.
+
+Before (up to issue 10): blocks of 32 samples, each from PyTorch's CPU generator seeded with a
+63-bit hash, of which that generator keeps 32 bits (blocks of one request could collide). Now:
+blocks of 128 samples from NumPy's SFC64 keyed by 128 bits, Box–Muller in torch
+(``smoothing.sampling.block_noise``). Both variants run in alternating rounds of one process,
+each round between two L windows, so a shared machine's drift cancels out in the ratios.
+
+    python -m bench.noise_ab --model fmnist-resnet-sigma0.25 --rounds 5 --seconds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bench.compute_thread import on_compute_thread, start_compute_thread
+from bench.library import certify_for
+from bench.limit import Limit, limit_rate
+from models.registry import DEFAULT_ROOT, load_model
+from smoothing import sampling
+from smoothing.sampling import derive_seed
+from smoothing.tuning import keep_freed_memory, prepare_for_inference
+
+NoiseFn = Callable[[int, int, int, tuple[int, ...], torch.device], torch.Tensor]
+
+
+def torch_block_noise(key: int, stage: int, block: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The construction before issue 10: a torch.Generator seeded per block (CPU: 32 bits of the seed kept)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed("block", key, stage, block))
+    return torch.randn((sampling.NOISE_BLOCK, *shape), generator=generator, device=device)
+
+
+VARIANTS: dict[str, tuple[NoiseFn, int]] = {
+    "torch mt19937, 32-sample blocks (before)": (torch_block_noise, 32),
+    "SFC64 128-bit keys, 128-sample blocks (now)": (sampling.block_noise, 128),
+}
+
+
+def run_variant(name: str, limit: Limit, images: torch.Tensor, seconds: float, n0: int, n: int) -> float:
+    """Library samples/s with the noise construction ``name`` (patched into smoothing.sampling for the call)."""
+    noise, block = VARIANTS[name]
+    saved = sampling.block_noise, sampling.NOISE_BLOCK
+    sampling.block_noise, sampling.NOISE_BLOCK = noise, block
+    try:
+        samples, elapsed, _ = on_compute_thread(
+            certify_for, limit, images, seconds, n0=n0, n=n, alpha=0.001, first_seed=1
+        )
+    finally:
+        sampling.block_noise, sampling.NOISE_BLOCK = saved
+    return samples / elapsed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="fmnist-resnet-sigma0.25")
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=15.0, help="per variant and round")
+    parser.add_argument("--limit-seconds", type=float, default=3.0)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/noise_ab.json"))
+    args = parser.parse_args(argv)
+    keep_freed_memory()
+    start_compute_thread()
+    device = torch.device("cpu")
+    model, manifest = load_model(args.model_dir, args.model, device)
+    plan = on_compute_thread(
+        prepare_for_inference,
+        model,
+        manifest.input_shape,
+        device,
+        cache_key=manifest.sha256,
+        precision=args.precision,
+    )
+    limit = Limit(manifest, model, plan, plan.model, plan.precision, device)
+    images = torch.rand((8, *manifest.input_shape), generator=torch.Generator().manual_seed(0))
+    rows: list[dict[str, object]] = []
+    before = limit_rate(limit, args.limit_seconds)
+    for r in range(args.rounds):
+        names = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
+        for name in names:
+            rate = run_variant(name, limit, images, args.seconds, n0=100, n=10_000)
+            after = limit_rate(limit, args.limit_seconds)
+            rows.append(
+                {"round": r, "variant": name, "samples_per_s": rate, "fraction_of_limit": rate / ((before + after) / 2)}
+            )
+            before = after
+            print(f"round {r}: {name}: {rate:,.0f} samples/s = {rows[-1]['fraction_of_limit']:.3f} L", flush=True)
+    summary = {
+        name: {
+            "median_fraction_of_limit": statistics.median(
+                row["fraction_of_limit"] for row in rows if row["variant"] == name
+            ),
+            "median_samples_per_s": statistics.median(row["samples_per_s"] for row in rows if row["variant"] == name),
+        }
+        for name in VARIANTS
+    }
+    result = {
+        "model": args.model,
+        "precision": plan.precision,
+        "batch_size": plan.batch_size,
+        "summary": summary,
+        "rounds": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+python -m training.studies.sample_efficiency

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from models.architectures import build_model
-from models.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, CheckpointError, parts_digest, save_checkpoint
+from models.checkpoint import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    manifest_digest,
+    parts_digest,
+    save_checkpoint,
+)
 from models.composed import MeanSoftmax, main, save_composed
 from models.registry import list_models, load_model
 from smoothing.tuning import fold_batchnorm
@@ -174,3 +181,13 @@ def test_command_line_writes_a_loadable_composed_manifest(
     assert "wrote" in capsys.readouterr().out
     model, manifest = load_model(root, "pair")
     assert manifest.training["command"].startswith("python -m models.composed") and len(model.members) == 2
+
+
+def test_the_manifest_digest_covers_every_part(registry: tuple[Path, dict[str, nn.Module]]) -> None:
+    root, _ = registry
+    _, manifest = load_model(root, "ensemble-sigma0.25")
+    digest = manifest_digest(manifest)
+    for i in range(len(manifest.parts)):
+        parts = list(manifest.parts)
+        parts[i] = parts[i].model_copy(update={"sha256": "0" * 64})
+        assert manifest_digest(manifest.model_copy(update={"parts": parts})) != digest

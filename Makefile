@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test test-fast lint dataset browser prometheus install certify-table bench clean
+.PHONY: run test test-fast lint dataset browser prometheus redis-server install certify-table bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,16 @@ dataset:
 	    apt-get install -y dataset-fashion-mnist || { apt-get update && apt-get install -y dataset-fashion-mnist; }; \
 	  else \
 	    echo "Fashion-MNIST is missing: run  sudo apt-get install dataset-fashion-mnist  and retry"; exit 1; \
+	  fi; \
+	fi
+
+# The job-outage tests start (and kill) redis-server processes of their own on ports 6390-6399.
+redis-server:
+	@if ! command -v redis-server >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y redis-server || { apt-get update && apt-get install -y redis-server; }; \
+	  else \
+	    echo "redis-server is missing: run  sudo apt-get install redis-server  and retry"; exit 1; \
 	  fi; \
 	fi
 
@@ -53,7 +63,7 @@ install: $(STAMP) dataset
 run: install
 	$(BIN)/python -m service
 
-test: install browser prometheus
+test: install browser prometheus redis-server
 	$(BIN)/python -m pytest -m "" -q
 
 test-fast: install prometheus

@@ -24,10 +24,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from service.messages import shown
+
 # Status codes of the errors below (RFC 9110 names).
 CONTENT_TOO_LARGE = 413
 UNSUPPORTED_MEDIA_TYPE = 415
 UNPROCESSABLE = 422
+MAX_SIDE = 1 << 16  # largest size of one dimension of a raw array: bounded before any product is formed
 
 
 class DecodeError(Exception):
@@ -122,8 +125,11 @@ def decode_array(
     channel count other than the model's, or (when ``resize`` is False) another height/width.
     """
     shape = tuple(shape)
-    if len(shape) not in (2, 3) or any(d <= 0 for d in shape):
-        raise DecodeError(UNPROCESSABLE, f"shape must be (C, H, W) or (H, W) with positive sizes, got {list(shape)}")
+    if len(shape) not in (2, 3) or any(not 0 < d <= MAX_SIDE for d in shape):
+        raise DecodeError(
+            UNPROCESSABLE,
+            f"shape must be (C, H, W) or (H, W) with positive sizes of at most {MAX_SIDE}, got {shown(list(shape))}",
+        )
     try:
         array = np.asarray(values)
     except (ValueError, TypeError):  # ragged nesting

@@ -18,6 +18,10 @@ that every log holds, to compare a run over fewer images with the matching rows 
 Writes ``certified_accuracy.md``, ``certified_accuracy.tex`` and the curves' PNG (drawn by
 ``training.plots``, which also draws the service's job plots); with ``--compare-bounds`` also
 ``bounds.md`` and ``bounds.png`` (needs the ``count_a n sigma`` columns that ``certify`` writes).
+They go to ``--out-dir``, by default the folder of the first log, and every path written is
+printed. Logs are labelled by ``--labels``, else by the σ they hold (``σ=0.25``, when every log
+holds one σ and the σ differ), else by their full file names (the paper's ``noise_0.25`` and
+``noise_0.50`` stay apart; a ``.tsv``/``.txt`` suffix is dropped).
 """
 
 from __future__ import annotations
@@ -224,21 +228,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("logs", type=Path, nargs="+", help="certify logs (tab-separated)")
     parser.add_argument("--radii", type=float, nargs="+", default=list(DEFAULT_RADII), help="table radii")
-    parser.add_argument("--labels", nargs="+", help="one name per log (default: file names)")
+    parser.add_argument(
+        "--labels", nargs="+", help="one name per log (default: σ=<sigma> from the logs, else their file names)"
+    )
     parser.add_argument("--alpha", type=float, help="CERTIFY's α, for logs without an alpha column (default 0.001)")
     parser.add_argument("--rho", type=float, default=0.001, help="Theorem 6 holds with probability ≥ 1 − ρ")
-    parser.add_argument("--out-dir", type=Path, default=Path("results"))
+    parser.add_argument("--out-dir", type=Path, help="where the tables and plots go (default: the first log's folder)")
     parser.add_argument("--plot", type=Path, help="curves PNG (default: OUT_DIR/certified_accuracy.png)")
     parser.add_argument("--common", action="store_true", help="only the example indices that every log holds")
     parser.add_argument(
         "--compare-bounds", action="store_true", help="also Theorem 1 vs Lecuyer et al. vs Li et al. (Figure 8, left)"
     )
     args = parser.parse_args(argv)
-    if args.labels is None:
-        args.labels = [p.stem for p in args.logs]
-    if len(args.labels) != len(args.logs):
+    args.out_dir = args.out_dir or args.logs[0].parent
+    if args.labels is not None and len(args.labels) != len(args.logs):
         parser.error(f"{len(args.labels)} labels for {len(args.logs)} logs")
     return args
+
+
+LOG_SUFFIXES = (".tsv", ".txt", ".log")
+
+
+def default_labels(logs: list[Log], paths: list[Path]) -> list[str]:
+    """``σ=<sigma>`` when each log holds a single σ and no two logs share one; else the file names, whole
+    but for a .tsv/.txt/.log suffix (``Path.stem`` would turn ``sigma_0.25`` and ``sigma_0.50`` into
+    ``sigma_0``); else, where names repeat, the path as given."""
+    sigmas = [np.unique(log["sigma"]) if "sigma" in log else np.array([]) for log in logs]
+    if all(s.size == 1 for s in sigmas) and len({float(s[0]) for s in sigmas}) == len(logs):
+        return [f"σ={float(s[0]):g}" for s in sigmas]
+    names = [_without_suffix(p.name) for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [_without_suffix(str(p)) for p in paths]
+
+
+def _without_suffix(name: str) -> str:
+    for suffix in LOG_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     for log, path in zip(logs, args.logs, strict=True):
         if "radius" not in log or log["idx"].size == 0:
             raise SystemExit(f"{path}: not a certify log with at least one row (needs a radius column)")
+    args.labels = args.labels or default_labels(logs, args.logs)
     if args.common:
         logs = common_rows(logs)
         if logs[0]["idx"].size == 0:

@@ -2,17 +2,27 @@
 
 Work is measured in samples, not requests. A ``WorkItem`` asks for the class counts of samples
 [0, num) of one input's noise stream. At every step the executor asks ``next_batch`` for up to
-the model's best batch size: the scheduler takes the model of the most urgent item, then fills
-the batch from that model's items, highest priority class first, round-robin inside a class,
-one chunk per item per turn. A 100,000-sample certification therefore never blocks a
-100-sample prediction that arrives after it. A batch led by PREDICT work holds PREDICT work
-only: a prediction waits for at most the batch in flight, then runs in a batch of its own size
-instead of a full one. And for ``INTERACTIVE_WINDOW_S`` after PREDICT work arrives, every batch
+the model's best batch size: the scheduler picks the class that leads the batch, takes the model
+of that class's oldest item, then fills the batch from that model's items, the lead class first,
+round-robin inside a class, one chunk per item per turn. A 100,000-sample certification
+therefore never blocks a 100-sample prediction that arrives after it.
+
+Classes share the device by weight while they have work (weighted fair queueing in samples): each
+class's samples served are counted divided by its share (its weighted service). The most urgent
+class with work leads the next batch unless it is more than ``FAIR_BURST`` weighted samples ahead
+of the least-served class with work, which then leads. So a prediction is served in the next
+batch as under strict priority, while a flood of predictions still leaves certifications and jobs
+at least their share of the samples (DEFAULT_SHARES, settable). A class that was idle comes back
+level with the busy ones, without saved-up credit; a debt it ran up stays. A batch led by PREDICT
+work holds PREDICT work only: a prediction waits for at most the batch in flight, then runs in a
+batch of its own size instead of a full one. And for ``INTERACTIVE_WINDOW_S`` after PREDICT work arrives, every batch
 is the model's interactive size (the smallest near its best throughput, smoothing.tuning) rather
 than its fastest, so that the batch in flight is short too (bench/findings.md).
 
-Threads: the event loop calls ``submit`` and cancels futures; the executor thread calls
-``next_batch`` and ``complete``. One condition variable guards all state.
+Threads: the event loop calls ``submit`` and cancels futures; each executor thread of the pool
+(service.engine.pool) calls ``next_batch`` and ``complete``, or ``requeue`` when its device failed
+so that another executor runs those chunks. One condition variable guards all state, so any
+number of executors can consume: a batch is handed out once, whole, to the executor that asked.
 """
 
 from __future__ import annotations
@@ -30,16 +40,26 @@ import torch
 from smoothing.sampling import NOISE_BLOCK, Chunk
 
 INTERACTIVE_WINDOW_S = 1.0
+# An item whose chunks came back from failed devices more often than this fails. It is above the failures
+# that take one device out of the pool (service.engine.executor), so a single bad device fails no request.
+MAX_REQUEUES = 8
 # Samples per second assumed for a model before its first batch when no measured rate was given.
 ASSUMED_SAMPLES_PER_S = 1_000.0
 
 
 class Priority(IntEnum):
-    """Lower value = served first."""
+    """Classes of work; lower value = more urgent (wins ties, and predictions lead short batches)."""
 
     PREDICT = 0
     CERTIFY = 1
     JOB = 2
+
+
+DEFAULT_SHARES: dict[Priority, float] = {Priority.PREDICT: 0.6, Priority.CERTIFY: 0.3, Priority.JOB: 0.1}
+"""Fraction of the device's samples each class is guaranteed while every class has work (normalised to sum 1)."""
+FAIR_BURST = 10_000.0
+"""Weighted samples (samples ÷ share) a more urgent class may run ahead of the least-served one before yielding:
+6,000 samples of predictions at the default share, a bound on how far the shares may be off at any moment."""
 
 
 class QueueFull(Exception):
@@ -59,7 +79,7 @@ class WorkItem:
     """Count the base classifier's predictions on samples [start, start + num) of stream (key, stage) around x."""
 
     model_id: str
-    x: torch.Tensor  # (C, H, W) in [0, 1], on the model's device
+    x: torch.Tensor  # (C, H, W) in [0, 1], on the host (each executor copies it to its device)
     sigma: float
     key: int  # the request's noise stream key (smoothing.sampling.stream_key)
     stage: int
@@ -71,8 +91,11 @@ class WorkItem:
     arrival: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)  # resolves to the counts, int64 (num_classes,)
     counts: torch.Tensor = field(init=False)
-    dispatched: int = 0  # samples handed to the executor so far
+    dispatched: int = 0  # samples of the stream's prefix handed to executors so far
     counted: int = 0  # samples whose predictions came back
+    returned: deque[tuple[int, int]] = field(default_factory=deque)  # stream ranges back from failed devices
+    returned_samples: int = 0  # samples in ``returned``
+    requeues: int = 0  # batches of this item that came back from a failed device
     first_dispatch: float | None = None
     dropped: bool = False  # cancelled, expired or failed: its pending samples were already released
 
@@ -81,7 +104,23 @@ class WorkItem:
 
     @property
     def undispatched(self) -> int:
-        return self.num - self.dispatched
+        return self.num - self.dispatched + self.returned_samples
+
+    def take(self, size: int) -> tuple[int, int]:
+        """The next stream range [first, stop) of at most ``size`` samples to run: returned ranges first."""
+        if self.returned:
+            first, stop = self.returned[0]
+            size = min(size, stop - first)
+            if first + size == stop:
+                self.returned.popleft()
+            else:
+                self.returned[0] = (first + size, stop)
+            self.returned_samples -= size
+            return first, first + size
+        size = min(size, self.num - self.dispatched)
+        first = self.start + self.dispatched
+        self.dispatched += size
+        return first, first + size
 
 
 @dataclass(frozen=True)
@@ -104,6 +143,7 @@ class Scheduler:
         max_pending_samples: int,
         chunk_size: int = NOISE_BLOCK,
         batch_delay_s: float = 0.0,
+        shares: Mapping[Priority, float] = DEFAULT_SHARES,
         expected_rates: Mapping[str, float] | None = None,
     ) -> None:
         """``expected_rates``: samples per second of forward pass to assume per model until its batches
@@ -112,6 +152,12 @@ class Scheduler:
             raise ValueError(f"chunk_size must be a multiple of the noise block ({NOISE_BLOCK}), got {chunk_size}")
         if max_pending_samples <= 0 or batch_delay_s < 0:
             raise ValueError("max_pending_samples must be > 0 and batch_delay_s >= 0")
+        if set(shares) != set(Priority) or not all(share > 0 for share in shares.values()):
+            raise ValueError(f"shares need a positive share for each of {[p.name for p in Priority]}, got {shares}")
+        total = sum(shares.values())
+        self.shares = {p: shares[p] / total for p in Priority}
+        # Samples served to each class divided by its share (a virtual time): the lowest with work leads.
+        self._weighted_service = {p: 0.0 for p in Priority}
         self.max_pending_samples = max_pending_samples
         self.chunk_size = chunk_size
         self.batch_delay_s = batch_delay_s
@@ -142,10 +188,12 @@ class Scheduler:
                 retry = max(1, round(sum(self._backlog_seconds().values())))
                 raise QueueFull(self._pending, self.max_pending_samples, retry)
             self._pending += item.num
+            if not self._has_work(item.priority):  # back from idle: level with the others, no saved-up credit
+                self._weighted_service[item.priority] = max(self._weighted_service[item.priority], self._level())
             self._queues[item.priority].append(item)
             if item.priority == Priority.PREDICT:
                 self._interactive_until = time.monotonic() + INTERACTIVE_WINDOW_S
-            self._cond.notify()
+            self._cond.notify_all()
         return item.future
 
     def next_batch(self, batch_size_for: Callable[[str, bool], int], timeout: float) -> Batch | None:
@@ -166,8 +214,16 @@ class Scheduler:
                 if ready < batch_size and wait > 0:
                     self._cond.wait(min(wait, timeout))
                     return None
-            classes = [Priority.PREDICT] if lead.priority == Priority.PREDICT else list(Priority)
-            return self._fill(lead.model_id, batch_size, classes)
+            if lead.priority == Priority.PREDICT:
+                classes = [Priority.PREDICT]
+            else:  # the lead class first; leftover room goes to the others, most urgent first
+                classes = [lead.priority, *(p for p in Priority if p != lead.priority)]
+            batch = self._fill(lead.model_id, batch_size, classes)
+            for item, chunk in zip(batch.items, batch.chunks, strict=True):
+                self._weighted_service[item.priority] += chunk.size / self.shares[item.priority]
+            if self._most_urgent() is not None:
+                self._cond.notify()  # more work left: wake another idle executor rather than wait for its timeout
+            return batch
 
     def complete(self, batch: Batch, counts: torch.Tensor, service_seconds: float) -> None:
         """Add each chunk's counts (len(chunks), num_classes) to its item; resolve finished items."""
@@ -186,6 +242,24 @@ class Scheduler:
                 previous = self._rates.get(batch.model_id)
                 self._rates[batch.model_id] = rate if previous is None else 0.9 * previous + 0.1 * rate
 
+    def requeue(self, batch: Batch, error: BaseException) -> None:
+        """The batch's device failed: put its chunks back for another executor (counts are unaffected).
+
+        An item that came back more than MAX_REQUEUES times fails with ``error`` instead, so that an
+        input that breaks every device does not circulate forever."""
+        with self._cond:
+            for item in set(batch.items):
+                item.requeues += 1
+            for item, chunk in zip(batch.items, batch.chunks, strict=True):
+                if item.dropped:
+                    continue
+                if item.requeues > MAX_REQUEUES:
+                    self._drop(item, error)
+                    continue
+                item.returned.append((chunk.start, chunk.stop))
+                item.returned_samples += chunk.size
+            self._cond.notify_all()
+
     def fail(self, batch: Batch, error: BaseException) -> None:
         """The forward pass raised: fail every item of the batch and drop its remaining work."""
         with self._cond:
@@ -193,6 +267,15 @@ class Scheduler:
                 self._drop(item, error)
 
     # -- internals (call with the lock held) --------------------------------------------------
+
+    def _level(self) -> float:
+        """Where a class coming back from idle starts: the least-served busy class's weighted service, or with
+        none busy the most-served class's (what the device did meanwhile is owed by nobody)."""
+        busy = [self._weighted_service[p] for p in Priority if self._has_work(p)]
+        return min(busy) if busy else max(self._weighted_service.values())
+
+    def _has_work(self, priority: Priority) -> bool:
+        return any(i.undispatched > 0 for i in self._queues[priority])
 
     def _backlog_seconds(self) -> dict[str, float]:
         # Queued items not dropped hold num - counted pending samples each (in-flight chunks included).
@@ -203,11 +286,14 @@ class Scheduler:
         return {m: n / self._rates.get(m, ASSUMED_SAMPLES_PER_S) for m, n in pending.items() if n > 0}
 
     def _most_urgent(self) -> WorkItem | None:
-        for priority in Priority:
-            live = [i for i in self._queues[priority] if i.undispatched > 0]
-            if live:
-                return min(live, key=lambda i: i.arrival)
-        return None
+        """The oldest item of the most urgent class with work that is at most FAIR_BURST weighted samples ahead
+        of the least-served class with work."""
+        busy = [p for p in Priority if self._has_work(p)]
+        if not busy:
+            return None
+        least = min(self._weighted_service[p] for p in busy)
+        lead_class = next(p for p in busy if self._weighted_service[p] <= least + FAIR_BURST)
+        return min((i for i in self._queues[lead_class] if i.undispatched > 0), key=lambda i: i.arrival)
 
     def _fill(self, model_id: str, batch_size: int, classes: list[Priority]) -> Batch:
         items: list[WorkItem] = []
@@ -222,13 +308,11 @@ class Scheduler:
                 for item in turn:  # one chunk per item per turn, oldest-served first
                     if room == 0:
                         break
-                    size = min(self.chunk_size, item.undispatched, room)
-                    first = item.start + item.dispatched
-                    chunks.append(Chunk(item.x, item.sigma, item.key, item.stage, first, first + size))
+                    first, stop = item.take(min(self.chunk_size, room))
+                    chunks.append(Chunk(item.x, item.sigma, item.key, item.stage, first, stop))
                     items.append(item)
-                    item.dispatched += size
                     item.first_dispatch = item.first_dispatch or time.monotonic()
-                    room -= size
+                    room -= stop - first
                     queue.remove(item)
                     queue.append(item)  # round-robin: served items go to the back
         return Batch(model_id, items, chunks)
@@ -252,6 +336,8 @@ class Scheduler:
             self._pending -= item.num - item.counted
             item.counted = item.num  # nothing more will be counted for it
             item.dispatched = item.num
+            item.returned.clear()
+            item.returned_samples = 0
         if error is not None:
             _resolve(item.future, error=error)
 

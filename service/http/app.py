@@ -1,7 +1,7 @@
 """The FastAPI application: lifespan wiring, the body-size guard and the JSON error answers.
 
 ``create_app(settings)`` returns an app whose lifespan loads the models, starts the scheduler's
-executor thread, the certificate cache and the job runner, and stops them in reverse order.
+executor pool, the certificate cache and the job runner, and stops them in reverse order.
 Every error is answered as JSON ``{"detail": "..."}``; bad input never gives a 500.
 """
 
@@ -18,25 +18,28 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.cache import make_cache
 from service.decoding import DecodeError
-from service.engine.engine import Engine, UnknownModel
-from service.engine.executor import Executor
-from service.engine.models import load_models, pick_device
-from service.engine.scheduler import DeadlineExceeded, QueueFull, Scheduler
-from service.gpu_metrics import GPU
+from service.engine.engine import UnknownModel
+from service.engine.pool import load_settings_models, parse_devices, start_engine
+from service.engine.scheduler import DeadlineExceeded, QueueFull
 from service.http import routes_health, routes_jobs, routes_models, routes_smoothing
 from service.http.response_metrics import ResponseMetrics, mark_cause
 from service.http.routes_console import add_console
 from service.http.routes_smoothing import ClientDisconnected
 from service.http.schemas import RADIUS_UNITS
+from service.http.shutdown import Drain, ShutdownGuard
 from service.http.state import Services
+from service.jobs.queue import make_enqueue
 from service.jobs.runner import RESUME_RETRY_S, STORE_ERRORS, JobRunner
 from service.jobs.store import RedisJobStore, SqliteJobStore
-from service.jobs.uploads import UploadError
+from service.jobs.uploads import DecodeBudget, UploadError
+from service.messages import MAX_DETAIL, MAX_SHOWN, clipped, shown
 from service.settings import Settings
 from service.signing import load_private_key
 
@@ -61,51 +64,29 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     # Before the minutes of model loading: a bad key file fails the start at once.
     signing_key = None if settings.signing_key_file is None else load_private_key(settings.signing_key_file)
-    device = pick_device(settings.device)
+    slots = parse_devices(settings.devices, settings.threads)
     # Loading measures each model's best batch size (seconds of forward passes): keep it off the event loop,
     # on a thread that then exits, taking its OpenMP team with it (see service.engine.executor).
-    models = await in_passing_thread(
-        load_models,
-        settings.model_dir,
-        settings.models,
-        device,
-        max_batch=settings.max_batch,
-        tuning_cache=settings.tuning_cache,
-        precision=settings.precision,
-    )
-    if not models:
+    models = await in_passing_thread(load_settings_models, settings, slots)
+    if not any(models.values()):
         raise RuntimeError(f"no models found in {settings.model_dir} (set CERTSERVE_MODEL_DIR or CERTSERVE_MODELS)")
-    scheduler = Scheduler(
-        max_pending_samples=settings.max_pending_samples,
-        batch_delay_s=settings.batch_delay_ms / 1000.0,
-        expected_rates={model_id: m.plan.samples_per_second for model_id, m in models.items()},
-    )
-    name = str(device)
-    executor = Executor(
-        scheduler,
-        models,
-        on_batch=functools.partial(metrics.record_batch, executor=name),
-        on_failure=functools.partial(metrics.record_forward_failure, executor=name),
-        threads=settings.threads,
-        name=name,
-    )
-    executor.start()
-    metrics.track_executor(name, models)
-    metrics.track_scheduler(scheduler, models)
-    GPU.watch([device])
-    engine = Engine(scheduler, models, timeout_s=settings.request_timeout_s)
+    engine, pool = start_engine(settings, slots, models)
     cache = make_cache(settings)
     store = RedisJobStore(settings.redis_url) if settings.redis_url else SqliteJobStore(settings.job_db)
-    jobs = JobRunner(store, engine)
+    enqueue, close_broker = make_enqueue(settings) if settings.job_backend == "dramatiq" else (None, None)
+    jobs = JobRunner(store, engine, enqueue=enqueue)
     await jobs.start()
-    app.state.services = Services(settings, scheduler, executor, engine, cache, jobs, signing_key)
-    log.info("serving %s on %s", ", ".join(models), device)
+    uploads = DecodeBudget(settings.max_decoding_bytes)
+    app.state.services = Services(settings, engine.scheduler, pool, engine, cache, jobs, uploads, signing_key)
+    log.info("serving %s on %s", ", ".join(engine.models), ", ".join(slot.name for slot in slots))
     try:
         yield
     finally:
-        await jobs.stop()  # first: its in-flight work needs the executor to finish or be cancelled
-        executor.stop()
+        await jobs.stop()  # first: its in-flight work needs the executors to finish or be cancelled
+        pool.stop()
         await cache.close()
+        if close_broker is not None:
+            close_broker()
 
 
 # -- request body limit ---------------------------------------------------------------------------
@@ -117,16 +98,23 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
+class BodyTimeout(Exception):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the request body sent nothing for {timeout_s:g} s (CERTSERVE_BODY_READ_TIMEOUT_S)")
+
+
 class BodyLimit:
-    """ASGI middleware refusing bodies above ``limit_for(scope)`` bytes with 413.
+    """ASGI middleware refusing bodies above ``limit_for(scope)`` bytes with 413, and bodies that stall
+    for ``read_timeout_s`` between two chunks with 408.
 
     A declared Content-Length is checked before anything is read; a body sent without one (or
     longer than declared) is counted while the route reads it, which then raises BodyTooLarge.
     """
 
-    def __init__(self, app: ASGIApp, *, limit_for: Callable[[Scope], int]) -> None:
+    def __init__(self, app: ASGIApp, *, limit_for: Callable[[Scope], int], read_timeout_s: float) -> None:
         self.app = app
         self.limit_for = limit_for
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -137,13 +125,20 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > limit:  # servers reject malformed ones
             await detail(413, str(BodyTooLarge(limit)))(scope, receive, send)
             return
-        received = 0
+        received, body_done = 0, False
 
         async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body, receive() waits for the disconnect: no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout(self.read_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(self.read_timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
                     raise BodyTooLarge(limit)
             return message
@@ -169,28 +164,39 @@ def describe_validation(errors: list[dict[str, Any]]) -> str:
     parts = []
     for error in errors:
         location = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path")) or "body"
-        text = f"{location}: {error.get('msg', 'invalid')}"
+        text = f"{clipped(location, MAX_SHOWN)}: {error.get('msg', 'invalid')}"
         value = error.get("input")
-        if error.get("type") != "json_invalid" and isinstance(value, int | float | str) and len(str(value)) <= 40:
-            text += f" (got {value!r})"
+        if error.get("type") != "json_invalid" and isinstance(value, int | float | str):
+            text += f" (got {shown(value)})"
         parts.append(text)
     return "; ".join(parts)
 
 
 def detail(status_code: int, text: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": text}, status_code=status_code, headers=headers)
+    return JSONResponse({"detail": clipped(text, MAX_DETAIL)}, status_code=status_code, headers=headers)
 
 
 def add_error_handlers(app: FastAPI, settings: Settings) -> None:
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if error.status_code == 405:  # Starlette's Allow names one route's methods; a path may have several
+            allow = ", ".join(allowed_methods(request.app, request.scope))
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers={"Allow": allow})
+            return detail(405, f"{request.method} is not allowed here; allowed: {allow}", headers={"Allow": allow})
+        return detail(error.status_code, str(error.detail), headers=error.headers)
+
     async def validation(request: Request, error: RequestValidationError) -> Response:
         return detail(422, describe_validation(list(error.errors())))
 
     async def decode_error(request: Request, error: DecodeError | UploadError) -> Response:
-        return detail(error.status_code, error.message)
+        retry_after = getattr(error, "retry_after_s", None)
+        return detail(
+            error.status_code, error.message, None if retry_after is None else {"Retry-After": str(retry_after)}
+        )
 
     async def unknown_model(request: Request, error: UnknownModel) -> Response:
         known = ", ".join(request.app.state.services.engine.models)
-        return detail(404, f"unknown model {error.args[0]!r}; loaded models: {known}")
+        return detail(404, f"unknown model {shown(error.args[0])}; loaded models: {known}")
 
     async def queue_full(request: Request, error: QueueFull) -> Response:
         mark_cause(request, "queue_full")
@@ -206,6 +212,9 @@ def add_error_handlers(app: FastAPI, settings: Settings) -> None:
 
     async def too_large(request: Request, error: BodyTooLarge) -> Response:
         return detail(413, str(error))
+
+    async def body_timeout(request: Request, error: BodyTimeout) -> Response:
+        return detail(408, str(error), headers={"Connection": "close"})
 
     async def disconnected(request: Request, error: ClientDisconnected) -> Response:
         return Response(status_code=metrics.CLIENT_CLOSED_REQUEST)
@@ -224,6 +233,7 @@ def add_error_handlers(app: FastAPI, settings: Settings) -> None:
         log.error("unhandled %s on %s %s", type(error).__name__, request.method, request.url.path)
         return detail(500, f"internal error ({type(error).__name__}); the request may be retried")
 
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(DecodeError, decode_error)
     app.add_exception_handler(UploadError, decode_error)
@@ -231,10 +241,44 @@ def add_error_handlers(app: FastAPI, settings: Settings) -> None:
     app.add_exception_handler(QueueFull, queue_full)
     app.add_exception_handler(DeadlineExceeded, deadline)
     app.add_exception_handler(BodyTooLarge, too_large)
+    app.add_exception_handler(BodyTimeout, body_timeout)
     app.add_exception_handler(ClientDisconnected, disconnected)
     for store_error in STORE_ERRORS:
         app.add_exception_handler(store_error, store_unreachable)
     app.add_exception_handler(Exception, unexpected)
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route of ``app`` serves at the scope's path, OPTIONS included."""
+    served = {
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in app.router.routes)
+    }
+    return [method for method in HTTP_METHODS if method in served] + ["OPTIONS"]
+
+
+def openapi_for(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:
+    """The OpenAPI document; without API keys configured it declares no security (nothing asks for a key)."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default()
+            if not settings.api_keys:
+                schema.get("components", {}).pop("securitySchemes", None)
+                for operations in schema["paths"].values():
+                    for operation in operations.values():
+                        operation.pop("security", None)
+                        for code in ("401", "403"):
+                            operation.get("responses", {}).pop(code, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -254,6 +298,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes_health.router)
     add_console(app)
     add_error_handlers(app, settings)
-    app.add_middleware(BodyLimit, limit_for=body_limit_for(settings))
-    app.add_middleware(ResponseMetrics)  # outermost of ours: it sees the body limit's 413s too
+    app.openapi = openapi_for(app, settings)  # type: ignore[method-assign]
+    app.add_middleware(BodyLimit, limit_for=body_limit_for(settings), read_timeout_s=settings.body_read_timeout_s)
+    app.state.drain = Drain()
+    app.add_middleware(ShutdownGuard, drain=app.state.drain)  # answers for everything inside it
+    app.add_middleware(ResponseMetrics)  # outermost of ours: it sees the body limit's 413s and shutdown's 503s too
     return app

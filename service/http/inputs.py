@@ -7,7 +7,10 @@ DecodeError, UnknownModel), so bad input is answered with a 4xx and a message, n
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,6 +24,7 @@ from service.decoding import DecodeError, decode_array, decode_base64, decode_im
 from service.engine.models import LoadedModel
 from service.http.schemas import CommonParams
 from service.http.state import Services
+from service.messages import shown
 from service.settings import Settings
 
 MAX_FORM_FIELDS = 16
@@ -41,14 +45,41 @@ class Payload:
 
 
 def validated(model: type[M], data: dict[str, Any] | bytes) -> M:
-    """``data`` (form fields, or JSON bytes) as ``model``; a RequestValidationError (422) if invalid.
+    """``data`` (form fields, or JSON bytes) as ``model``, strictly; a RequestValidationError (422) if invalid.
 
+    Strict: an integer is an integer (not 1.0 or "1"), a boolean is true or false (not 0). Form fields
+    are text, so those of numeric and boolean parameters are read as JSON values first (``form_values``).
     Only request parsing turns pydantic errors into 422: one anywhere else is a server bug (500).
     """
     try:
-        return model.model_validate_json(data) if isinstance(data, bytes) else model.model_validate(data)
+        if isinstance(data, bytes):
+            return model.model_validate_json(data, strict=True)
+        return model.model_validate(form_values(model, data), strict=True)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
+
+
+def form_values(model: type[BaseModel], fields: dict[str, str]) -> dict[str, Any]:
+    """Form text as the JSON value it spells for parameters that are not text ("32" → 32, "true" → True,
+    "1.0" → 1.0, which a strict integer then refuses); text parameters and unknown fields stay as sent."""
+    values: dict[str, Any] = {}
+    for name, text in fields.items():
+        field = model.model_fields.get(name)
+        values[name] = text
+        if field is not None and not _is_text(field.annotation):
+            with contextlib.suppress(ValueError):  # not a JSON value: the strict check names the expected type
+                values[name] = json.loads(text)
+    return values
+
+
+def _is_text(annotation: Any) -> bool:
+    """Whether a field takes text: str, a Literal of strings, or either or None."""
+    if annotation is str:
+        return True
+    if typing.get_origin(annotation) is typing.Literal:
+        return all(isinstance(v, str) for v in typing.get_args(annotation))
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return bool(args) and all(_is_text(a) for a in args)
 
 
 async def read_form(request: Request, params: type[M]) -> tuple[M, str, bytes]:
@@ -57,6 +88,10 @@ async def read_form(request: Request, params: type[M]) -> tuple[M, str, bytes]:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise HTTPException(422, "a multipart request needs a file upload in the field 'file'")
+        names = [k for k, _ in form.multi_items()]
+        repeated = sorted({shown(k) for k in names if names.count(k) > 1})
+        if repeated:
+            raise HTTPException(422, f"form fields given more than once: {', '.join(repeated)} (send each once)")
         # Empty form fields mean "use the default", as an HTML form sends them.
         fields = {k: v for k, v in form.multi_items() if k != "file" and v != ""}
         filename, data = upload.filename or "", await upload.read()
@@ -78,15 +113,15 @@ async def read_input(request: Request, params: type[P], json_body: type[P]) -> t
         return body, Payload(image_base64=body.image_base64, array=body.array, shape=body.shape)
     raise HTTPException(
         415,
-        f"unsupported content type {media_type or '(none)'!r}: send multipart/form-data with the image in "
-        "'file', or application/json with image_base64 or array + shape",
+        f"unsupported content type {shown(media_type) if media_type else '(none)'}: send multipart/form-data "
+        "with the image in 'file', or application/json with image_base64 or array + shape",
     )
 
 
 def bounded(name: str, value: int, maximum: int) -> int:
     """``value`` if at most ``maximum``, else a 422 naming the limit."""
     if value > maximum:
-        raise HTTPException(422, f"{name} = {value} is above the service's limit of {maximum} (CERTSERVE_MAX_N)")
+        raise HTTPException(422, f"{name} = {shown(value)} is above the service's limit of {maximum} (CERTSERVE_MAX_N)")
     return value
 
 

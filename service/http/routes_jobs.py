@@ -21,6 +21,7 @@ from service.http.state import services
 from service.jobs.plots import job_plot
 from service.jobs.runner import results_tsv
 from service.jobs.uploads import parse_upload
+from service.messages import shown
 from smoothing.sampling import new_seed
 
 PLOT_MEDIA_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
@@ -28,6 +29,7 @@ RECENT_JOBS = 20
 
 router = APIRouter(prefix="/v1/jobs", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES, tags=["jobs"])
 
+TSV_MEDIA_TYPE = "text/tab-separated-values"
 JOB_FILE = "a .zip or .tar(.gz) of images, or an .npz with `images` and optional `labels`"
 JOB_FORM_DOC = {
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form_schema(JobParams, JOB_FILE)}}}
@@ -35,7 +37,7 @@ JOB_FORM_DOC = {
 
 
 def job_not_found(job_id: str) -> HTTPException:
-    return HTTPException(404, f"no job {job_id!r} (it does not exist, or another API key created it)")
+    return HTTPException(404, f"no job {shown(job_id)} (it does not exist, or another API key created it)")
 
 
 @router.post(
@@ -67,6 +69,7 @@ async def create_job(request: Request, caller: Caller) -> JSONResponse:
         max_images=settings.max_job_images,
         max_pixels=settings.max_image_pixels,
         max_total_bytes=settings.max_job_bytes,
+        budget=svc.uploads,
     )
     try:
         job_id = await svc.jobs.create(
@@ -116,6 +119,15 @@ async def job_status(request: Request, job_id: str, caller: Caller) -> dict[str,
     description="TSV columns: idx, label (-1 when the upload had no labels), predict (-1 = abstained), radius "
     "(ℓ2, [0, 1] pixel space at the model's input resolution), correct, time (seconds).",
     response_model=None,
+    responses={
+        200: {
+            "description": "format=json: the rows as JSON; format=tsv: the paper's log format",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                TSV_MEDIA_TYPE: {"schema": {"type": "string"}},
+            },
+        }
+    },
 )
 async def job_results(
     request: Request,
@@ -129,7 +141,7 @@ async def job_results(
         raise job_not_found(job_id)
     rows = await jobs.results(job_id, caller)
     if format == "tsv":
-        return PlainTextResponse(results_tsv(rows), media_type="text/tab-separated-values")
+        return PlainTextResponse(results_tsv(rows), media_type=TSV_MEDIA_TYPE)
     return {"id": job_id, "state": status["state"], "results": rows}
 
 

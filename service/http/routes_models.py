@@ -9,11 +9,17 @@ from fastapi import APIRouter, Depends, Query, Request
 from service.engine.models import LoadedModel
 from service.http.auth import require_key
 from service.http.inputs import bounded
+from service.http.routes_smoothing import ERROR_RESPONSES
 from service.http.schemas import CertifiableRadius, ErrorResponse, ModelInfo, ModelList
 from service.http.state import services
 from smoothing.statistics import certified_radius, lower_confidence_bound
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], tags=["models"])
+router = APIRouter(
+    prefix="/v1",
+    dependencies=[Depends(require_key)],
+    responses={code: ERROR_RESPONSES[code] for code in (401, 403)},
+    tags=["models"],
+)
 
 
 N_QUERY = Query(ge=1, description="estimation samples of max_certifiable_radius; default CERTSERVE_DEFAULT_N")

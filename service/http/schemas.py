@@ -6,9 +6,11 @@ counts are bounded by CERTSERVE_MAX_N; the numbers quoted below are the shipped 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.decoding import MAX_SIDE
 
 RADIUS_UNITS = (
     "Radii are ℓ2 distances in [0, 1] pixel space at the model's input resolution (C×H×W): the certificate "
@@ -99,7 +101,12 @@ class ImageInput(BaseModel):
     array: list[Any] | None = Field(
         None, description="pixel values in [0, 1], flat (row-major) or nested, matching `shape`"
     )
-    shape: list[int] | None = Field(None, description="shape of `array`: [C, H, W], or [H, W] for one channel")
+    shape: list[Annotated[int, Field(ge=1, le=MAX_SIDE)]] | None = Field(
+        None,
+        min_length=2,
+        max_length=3,
+        description=f"shape of `array`: [C, H, W], or [H, W] for one channel; each size from 1 to {MAX_SIDE}",
+    )
 
     @model_validator(mode="after")
     def one_input(self) -> ImageInput:
@@ -220,9 +227,23 @@ class Health(BaseModel):
     status: str
 
 
+class DeviceStatus(BaseModel):
+    name: str = Field(description="the executor: 'cuda:0'; 'cpu', or 'cpu#k' for the k-th of several CPU executors")
+    device: str
+    alive: bool = Field(description="whether it serves; a failed device is out of the pool, the others serve on")
+    threads: int = Field(description="intra-op CPU threads of its forward passes")
+    error: str | None = Field(description="why it left the pool; null while it serves")
+
+
 class Readiness(BaseModel):
-    status: str
-    checks: dict[str, bool] = Field(description="each readiness condition and whether it holds")
+    status: Literal["ready", "degraded", "not ready"] = Field(
+        description="'degraded': ready, but a dependency that only some routes need is down (see `degraded`)"
+    )
+    checks: dict[str, bool] = Field(description="each condition and whether it holds (redis: informational)")
+    degraded: list[str] = Field(default_factory=list, description="what does not work now, and what still does")
+    devices: list[DeviceStatus] = Field(
+        default_factory=list, description="each executor of the pool; ready while at least one is alive"
+    )
 
 
 class JobParams(BaseModel):

@@ -12,9 +12,10 @@ if TYPE_CHECKING:
 
     from service.cache import Cache
     from service.engine.engine import Engine
-    from service.engine.executor import Executor
+    from service.engine.pool import Pool
     from service.engine.scheduler import Scheduler
     from service.jobs.runner import JobRunner
+    from service.jobs.uploads import DecodeBudget
     from service.settings import Settings
 
 
@@ -22,10 +23,11 @@ if TYPE_CHECKING:
 class Services:
     settings: Settings
     scheduler: Scheduler
-    executor: Executor
+    pool: Pool
     engine: Engine
     cache: Cache
     jobs: JobRunner
+    uploads: DecodeBudget  # bytes of job uploads being decompressed, shared by concurrent uploads
     signing_key: Ed25519PrivateKey | None = None
 
     @property

@@ -1,14 +1,22 @@
 """Batch certification jobs: an uploaded set of images certified in the background.
 
 The unit of work is ``certify_image``: it reads the job's parameters from the store, certifies
-one image through the engine at the lowest priority, and writes its result idempotently. The
-in-process ``JobRunner`` drives it with a few images in flight per job (so that they share
-forward passes); a distributed runner (e.g. Dramatiq workers) can call the same function with
-(job id, idx) messages. Since every finished image is in the store, a restarted runner resumes
-a job exactly where it stopped: finished images are neither repeated nor lost.
+one image through the engine at the lowest priority, and writes its result idempotently. With
+the in-process backend the ``JobRunner`` drives it with a few images in flight per job (so that
+they share forward passes); with the Dramatiq backend the runner only enqueues messages of image
+ranges (service.jobs.queue) and worker processes call the same function (service.jobs.worker).
+Since every finished image is in the store, a restarted runner resumes a job exactly where it
+stopped: finished images are neither repeated nor lost.
 
 Image idx of a job is sampled with seed ``image_seed(job seed, idx)``, so a row can be
 reproduced alone with ``smoothing.core.certify``.
+
+Store errors never fail a job. An unreachable store (Redis down, restarting, paused) is waited
+out with back-off: a finished image's row is kept in memory and written once the store answers,
+and a job whose run broke off on a store error starts again from the results the store holds.
+Only the user (cancel) and the job's own images (an error computing one) end a job early, and
+only then are its inputs deleted. A job the store no longer knows (Redis restarted without
+persistence) is stopped: nothing more is computed or written for it.
 """
 
 from __future__ import annotations
@@ -22,13 +30,18 @@ import secrets
 import sqlite3
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import torch
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import metrics
 from service.engine.engine import Engine, Timing
 from service.engine.scheduler import DeadlineExceeded, Priority, QueueFull
+from service.jobs.queue import Enqueue
 from service.jobs.store import (
     ACTIVE_STATES,
     JobRecord,
@@ -39,10 +52,14 @@ from smoothing.procedures import Question, Result, api_question, certificate_sum
 from smoothing.sampling import derive_seed, new_seed
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-RESUME_RETRY_S = 2.0
-# What an unreachable store raises: Redis connection errors and timeouts, SQLite's operational errors.
+RESUME_RETRY_S = 2.0  # longest wait between two tries of an unreachable store
+FIRST_RETRY_S = 0.1
+# What a failing store raises (answered 503 by the API): Redis errors, OS errors, SQLite's errors.
 STORE_ERRORS = (RedisError, OSError, sqlite3.Error)
+# Of those, what passes once the store is back: waited out, never a job's failure.
+TRANSIENT_STORE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, sqlite3.OperationalError)
 
 TSV_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time", "samples")
 ABSTAIN = -1  # the paper's "predict" for an abstention
@@ -66,6 +83,25 @@ def _visible(job: JobRecord | None, api_key: str | None) -> bool:
     if job.owner is None or caller is None:
         return job.owner is None and caller is None
     return hmac.compare_digest(job.owner, caller)
+
+
+async def until_stored(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """``await call()``, retried with back-off (FIRST_RETRY_S doubling up to RESUME_RETRY_S) for as long as
+    the store raises a transient error; cancelling the caller stops the waiting."""
+    delay, failed_since = FIRST_RETRY_S, None
+    while True:
+        try:
+            result = await call()
+        except TRANSIENT_STORE_ERRORS as e:
+            if failed_since is None:
+                failed_since = time.monotonic()
+                log.warning("job store unreachable while %s (%s: %s); retrying", what, type(e).__name__, e)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RESUME_RETRY_S)
+            continue
+        if failed_since is not None:
+            log.info("job store reachable again after %.1f s (%s)", time.monotonic() - failed_since, what)
+        return result
 
 
 def job_question(job: JobRecord, sigma: float) -> Question:
@@ -98,7 +134,7 @@ async def certify_image(store: JobStore, engine: Engine, job_id: str, idx: int, 
     and metrics are not counted twice. ``inputs`` are the job's inputs (``store.inputs``),
     passed in so that they are loaded once per job rather than once per image.
     """
-    job = await store.get(job_id)
+    job = await until_stored(lambda: store.get(job_id), f"reading job {job_id}")
     if job is None or job.state not in ACTIVE_STATES:
         return None
     started = time.perf_counter()
@@ -124,7 +160,7 @@ async def certify_image(store: JobStore, engine: Engine, job_id: str, idx: int, 
         "samples": summary["samples"],
         "certified_at_radius": certified_at_radius,
     }
-    if await store.put_result(job_id, row):
+    if await until_stored(lambda: store.put_result(job_id, row), f"storing image {idx} of job {job_id}"):
         metrics.record_certificate(job.model_id, abstained, summary["radius"], seconds, timing, endpoint="job")
         metrics.record_samples(summary["mode"], summary["samples"])
     return row
@@ -152,23 +188,35 @@ def _iso(unix_s: float) -> str:
     return datetime.datetime.fromtimestamp(unix_s, datetime.UTC).isoformat()
 
 
-def _describe(error: BaseException) -> str:
+def _first(error: BaseException) -> BaseException:
     while isinstance(error, BaseExceptionGroup):  # a failing image surfaces through the TaskGroup
         error = error.exceptions[0]
+    return error
+
+
+def _describe(error: BaseException) -> str:
+    error = _first(error)
     return f"{type(error).__name__}: {error}"
 
 
+def _is_transient(error: BaseException) -> bool:
+    return isinstance(_first(error), TRANSIENT_STORE_ERRORS)
+
+
 class JobRunner:
-    """Runs jobs in this process: ``concurrency`` images in flight per job, at Priority.JOB."""
+    """Runs jobs in this process (``concurrency`` images in flight per job, at Priority.JOB), or, given
+    ``enqueue`` (service.jobs.queue), hands them to Dramatiq workers: the routes see no difference."""
 
-    backend = "inprocess"  # the job backend label of certserve_job_backlog_images
-
-    def __init__(self, store: JobStore, engine: Engine, *, concurrency: int = 8) -> None:
+    def __init__(
+        self, store: JobStore, engine: Engine, *, concurrency: int = 8, enqueue: Enqueue | None = None
+    ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.store = store
         self.engine = engine
         self.concurrency = concurrency
+        self.enqueue = enqueue
+        self.backend = "inprocess" if enqueue is None else "dramatiq"  # the label of certserve_job_backlog_images
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._resumer: asyncio.Task[None] | None = None
 
@@ -177,7 +225,11 @@ class JobRunner:
 
         A store that cannot be reached (Redis down at start-up) does not stop the service: the
         resumption is retried in the background every RESUME_RETRY_S seconds until it succeeds.
+        With Dramatiq workers there is nothing to resume here: the messages wait in Redis.
         """
+        if self.enqueue is not None:
+            await self._publish_counts()
+            return
         try:
             await self._resume()
         except STORE_ERRORS as e:
@@ -235,6 +287,11 @@ class JobRunner:
         manifest = self.engine.model(model_id).manifest
         if tuple(parsed.images.shape[1:]) != tuple(manifest.input_shape) or len(parsed.images) == 0:
             raise ValueError(f"job images {list(parsed.images.shape)} do not fit model input {manifest.input_shape}")
+        if parsed.labels is not None and not all(0 <= label < manifest.num_classes for label in parsed.labels):
+            bad = next(label for label in parsed.labels if not 0 <= label < manifest.num_classes)
+            raise ValueError(
+                f"label {bad} is not a class of model {manifest.id} (class indices 0 to {manifest.num_classes - 1})"
+            )
         # Raises ValueError for bad parameters, before anything is stored.
         question = api_question(mode, sigma=manifest.sigma, alpha=alpha, n0=n0, n=n, radius=radius, tolerance=tolerance)
         now = time.time()
@@ -254,7 +311,14 @@ class JobRunner:
             tolerance=question.tolerance,
         )
         await self.store.create(job, parsed)
-        self._launch(job.id)
+        if self.enqueue is not None:
+            try:
+                await self.enqueue(job.id, job.total)
+            except Exception as e:  # the broker is down: no half-sent job stays queued forever
+                await self.store.set_state(job.id, "failed", error=f"could not enqueue: {_describe(e)}")
+                raise
+        else:
+            self._launch(job.id)
         await self._publish_counts()
         return job.id
 
@@ -333,33 +397,56 @@ class JobRunner:
         self._tasks[job_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(job_id, None))
 
+    def running(self) -> list[str]:
+        """Ids of the jobs this process is working on now."""
+        return list(self._tasks)
+
     async def _run(self, job_id: str) -> None:
-        try:
-            inputs = await self.store.inputs(job_id)
-            if inputs is None or not await self.store.set_state(job_id, "running"):
-                return  # finished or cancelled meanwhile
-            await self._publish_counts()
+        delay = FIRST_RETRY_S
+        while True:
+            try:
+                await self._run_once(job_id)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if _is_transient(e):  # the store went away mid-run: start again from what it holds, once back
+                    log.warning("job %s paused, the job store is unreachable (%s); resuming", job_id, _describe(e))
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, RESUME_RETRY_S)
+                    continue
+                log.exception("job %s failed", job_id)  # its own images' error: the job fails, the runner lives on
+                await until_stored(
+                    lambda e=e: self.store.set_state(job_id, "failed", error=_describe(e)), f"failing job {job_id}"
+                )
+                break
+        await self._publish_counts()
+
+    async def _run_once(self, job_id: str) -> None:
+        """Certify every image of the job that has no result yet, then mark it done; return early if the
+        job is cancelled or unknown. Store errors propagate (``_run`` waits and calls again)."""
+        inputs = await self.store.inputs(job_id)
+        if inputs is None or not await self.store.set_state(job_id, "running"):
+            return  # finished, cancelled or gone meanwhile
+        await self._publish_counts()
+        while True:  # until the store holds every row (a result written just before a crash may be lost)
+            job = await self.store.get(job_id)
+            if job is None or job.state not in ACTIVE_STATES:
+                return
             finished = await self.store.done_indices(job_id)
             todo = deque(idx for idx in range(len(inputs.names)) if idx not in finished)
+            if not todo:
+                break
 
-            async def worker() -> None:
+            async def worker(todo: deque[int] = todo) -> None:
                 while todo:
                     if await certify_image(self.store, self.engine, job_id, todo.popleft(), inputs) is None:
-                        return  # the job was cancelled (perhaps by another process)
+                        return  # the job was cancelled (perhaps by another process) or is gone
 
             async with asyncio.TaskGroup() as group:
                 for _ in range(min(self.concurrency, len(todo))):
                     group.create_task(worker())
-            await self.store.set_state(job_id, "done")
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the job fails, the runner lives on
-            log.exception("job %s failed", job_id)
-            try:
-                await self.store.set_state(job_id, "failed", error=_describe(e))
-            except Exception:  # the store itself is down: the job stays unfinished and resumes on restart
-                log.exception("job %s: could not record its failure", job_id)
-        await self._publish_counts()
+        await self.store.set_state(job_id, "done")
 
     async def refresh_metrics(self, timeout_s: float = 1.0) -> bool:
         """Read the job gauges from the store now (at a scrape), waiting at most ``timeout_s``; False if it failed."""

@@ -4,6 +4,12 @@ Two stores behind one protocol: ``SqliteJobStore`` (an embedded file, the defaul
 ``RedisJobStore``. Results are written idempotently (INSERT OR IGNORE / HSETNX): an image that
 is certified twice (a resumed job, a redelivered worker message) is recorded and counted once.
 A job leaves ``queued``/``running`` at most once; its input images are dropped when it does.
+
+The Redis store rides out short outages itself: connections are health-checked before use after
+``HEALTH_CHECK_S`` idle seconds (a pooled connection that Redis closed while it was down is
+replaced instead of failing the first command after it comes back), and a command that meets a
+connection error or a timeout is retried with exponential back-off (``STORE_RETRIES`` times,
+redis-py's ``Retry``). What outlasts that is the runner's business (``service.jobs.runner``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import redis.asyncio as aioredis
 import torch
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.jobs.uploads import ParsedUpload
 
@@ -29,6 +39,9 @@ ACTIVE_STATES = ("queued", "running")
 FINAL_STATES = ("done", "cancelled", "failed")
 STATES = ACTIVE_STATES + FINAL_STATES
 REDIS_PREFIX = "certserve:job:"
+HEALTH_CHECK_S = 1  # a connection idle this long is PINGed before its next command
+STORE_RETRIES = 6  # back-off 0.1, 0.2, ... capped at 2 s: about 6 s of outage absorbed per command
+STORE_TIMEOUT_S = 10.0  # per socket read/connect: a paused Redis surfaces as a timeout, not a hang
 T = TypeVar("T")
 
 
@@ -69,11 +82,16 @@ class JobStore(Protocol):
         ...
 
     async def put_result(self, job_id: str, row: dict[str, Any]) -> bool:
-        """Store ``row`` (with keys idx, abstained, time) unless image ``row['idx']`` has one; True if stored."""
+        """Store ``row`` (with keys idx, abstained, time) unless image ``row['idx']`` has one or the job is
+        unknown; True if stored."""
         ...
 
     async def results(self, job_id: str) -> list[dict[str, Any]]: ...
     async def done_indices(self, job_id: str) -> set[int]: ...
+    async def missing(self, job_id: str, indices: list[int]) -> list[int]:
+        """The ones of ``indices`` that have no result yet, in order."""
+        ...
+
     async def summary(self, job_id: str) -> JobSummary: ...
     async def unfinished(self) -> list[str]: ...
     async def recent(self, owner: str | None, limit: int) -> list[JobRecord]:
@@ -192,8 +210,11 @@ class SqliteJobStore:
 
     async def put_result(self, job_id: str, row: dict[str, Any]) -> bool:
         values = (job_id, row["idx"], int(row["abstained"]), row["time"], json.dumps(row))
-        sql = "INSERT OR IGNORE INTO job_results (job_id, idx, abstained, seconds, row) VALUES (?, ?, ?, ?, ?)"
-        return await self._call(lambda: self._db.execute(sql, values).rowcount == 1)
+        sql = (
+            "INSERT OR IGNORE INTO job_results (job_id, idx, abstained, seconds, row) "
+            "SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM jobs WHERE id = ?)"
+        )
+        return await self._call(lambda: self._db.execute(sql, (*values, job_id)).rowcount == 1)
 
     async def results(self, job_id: str) -> list[dict[str, Any]]:
         sql = "SELECT row FROM job_results WHERE job_id = ? ORDER BY idx"
@@ -204,6 +225,12 @@ class SqliteJobStore:
         sql = "SELECT idx FROM job_results WHERE job_id = ?"
         rows = await self._call(lambda: self._db.execute(sql, (job_id,)).fetchall())
         return {r[0] for r in rows}
+
+    async def missing(self, job_id: str, indices: list[int]) -> list[int]:
+        sql = f"SELECT idx FROM job_results WHERE job_id = ? AND idx IN ({', '.join('?' * len(indices))})"
+        rows = await self._call(lambda: self._db.execute(sql, (job_id, *indices)).fetchall())
+        done = {r[0] for r in rows}
+        return [i for i in indices if i not in done]
 
     async def summary(self, job_id: str) -> JobSummary:
         sql = (
@@ -243,8 +270,10 @@ class SqliteJobStore:
 
 # -- Redis -----------------------------------------------------------------------------------
 
-# Atomic, so that a result and the counters it moves are written together or not at all.
+# Atomic, so that a result and the counters it moves are written together or not at all. A job that is
+# gone (a Redis restarted without persistence) gets no result: no orphan keys for a job nobody can see.
 _PUT_RESULT = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[2], 'done', 1)
 redis.call('HINCRBY', KEYS[2], 'abstentions', ARGV[3])
@@ -276,7 +305,14 @@ class RedisJobStore:
     owner's job ids by creation time)."""
 
     def __init__(self, url: str) -> None:
-        self._redis = aioredis.from_url(url)
+        self._redis = aioredis.from_url(
+            url,
+            health_check_interval=HEALTH_CHECK_S,
+            socket_timeout=STORE_TIMEOUT_S,
+            socket_connect_timeout=STORE_TIMEOUT_S,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), STORE_RETRIES),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
         self._put_result = self._redis.register_script(_PUT_RESULT)
         self._set_state = self._redis.register_script(_SET_STATE)
 
@@ -301,9 +337,9 @@ class RedisJobStore:
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self._redis.hgetall(self._key(job_id))
-        if not raw:
-            return None
         f = {k.decode(): v.decode() for k, v in raw.items()}
+        if "id" not in f:  # unknown, or only counters (written by a version without the EXISTS guard)
+            return None
         return JobRecord(
             id=f["id"],
             owner=f.get("owner"),
@@ -341,6 +377,10 @@ class RedisJobStore:
 
     async def done_indices(self, job_id: str) -> set[int]:
         return {int(k) for k in await self._redis.hkeys(self._key(job_id, "results"))}
+
+    async def missing(self, job_id: str, indices: list[int]) -> list[int]:
+        rows = await self._redis.hmget(self._key(job_id, "results"), indices) if indices else []
+        return [i for i, row in zip(indices, rows, strict=True) if row is None]
 
     async def summary(self, job_id: str) -> JobSummary:
         done, abstentions, seconds = await self._redis.hmget(self._key(job_id), ["done", "abstentions", "seconds"])

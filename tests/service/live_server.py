@@ -37,12 +37,10 @@ def wait_until_ready(base: str, process: subprocess.Popen, log_path: Path, timeo
     raise AssertionError(f"the server was not ready within {timeout_s} s:\n{log_path.read_text()}")
 
 
-@contextmanager
-def running_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
-    """The base URL of a server started with ``env`` (CERTSERVE_* settings) added to this process's environment.
+def start_server(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """A server started with ``env`` added to this process's environment, once ready: its process and base URL.
 
-    On exit it is sent SIGTERM and must shut down cleanly within 20 s, with no traceback in its log.
-    """
+    The caller stops it (``running_server`` does, and checks that it shut down cleanly)."""
     port = free_port()
     full_env = {**os.environ, **env, "CERTSERVE_PORT": str(port)}
     with log_path.open("w") as log:
@@ -50,6 +48,20 @@ def running_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(base, process, log_path)
+    except AssertionError:
+        process.kill()
+        raise
+    return process, base
+
+
+@contextmanager
+def running_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    """The base URL of a server started with ``env`` (CERTSERVE_* settings) added to this process's environment.
+
+    On exit it is sent SIGTERM and must shut down cleanly within 20 s, with no traceback in its log.
+    """
+    process, base = start_server(env, log_path)
+    try:
         yield base
     finally:
         process.send_signal(signal.SIGTERM)

@@ -232,3 +232,26 @@ def test_common_keeps_the_indices_every_log_holds(tmp_path: Path) -> None:
     for label in ("full", "short"):
         assert table_row(markdown, label, "approximate")[2:] == ["1.000", "1.000", "0.750", "0.250", "0.000"]
         assert table_row(markdown, label, "0.825") == [label, "0.825"]
+
+
+def test_paper_logs_are_labelled_by_their_full_names_and_tables_go_beside_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    first, second = write_timedelta_log(logs / "sigma_0.25"), write_timedelta_log(logs / "sigma_0.50")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    main([str(first), str(second)])
+    out = capsys.readouterr().out
+    assert table_row(out, "sigma_0.25", "approximate") and table_row(out, "sigma_0.50", "approximate")  # not sigma_0
+    assert (logs / "certified_accuracy.md").is_file() and not (elsewhere / "results").exists()
+    assert f"wrote {logs / 'certified_accuracy.md'}" in out and f"wrote {logs / 'certified_accuracy.png'}" in out
+
+
+def test_logs_holding_their_sigma_are_labelled_by_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = [write_counts_log(tmp_path / f"run-{i}.tsv", sigma=s) for i, s in enumerate((0.25, 0.5))]
+    main([*map(str, paths), "--out-dir", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert table_row(out, "σ=0.25", "approximate") and table_row(out, "σ=0.5", "approximate")

@@ -72,6 +72,62 @@ def test_completing_a_batch_resolves_finished_items_with_their_counts() -> None:
     assert scheduler.pending_samples == 0
 
 
+def served_under_a_predict_flood(scheduler: Scheduler, batches: int = 1000) -> dict[Priority, int]:
+    """Samples per class over ``batches`` batches while predictions never stop coming (20 always queued)."""
+    scheduler.submit(item(10**7, Priority.CERTIFY, seed=1))
+    scheduler.submit(item(10**7, Priority.JOB, seed=2))
+    served = dict.fromkeys(Priority, 0)
+    for step in range(batches):
+        while sum(i.undispatched > 0 for i in scheduler._queues[Priority.PREDICT]) < 20:
+            scheduler.submit(item(100, Priority.PREDICT, seed=100 + step))
+        batch = batch_of(scheduler)
+        for work, chunk in zip(batch.items, batch.chunks, strict=True):
+            served[work.priority] += chunk.size
+        scheduler.complete(batch, torch.zeros(len(batch.chunks), 3, dtype=torch.long), service_seconds=0.01)
+    return served
+
+
+def test_certify_and_jobs_keep_their_shares_under_a_predict_flood() -> None:
+    scheduler = Scheduler(max_pending_samples=10**9)
+    served = served_under_a_predict_flood(scheduler)
+    total = sum(served.values())
+    for priority, share in scheduler.shares.items():
+        assert served[priority] >= 0.9 * share * total, (priority, served)
+    assert served[Priority.PREDICT] > served[Priority.CERTIFY] > served[Priority.JOB]
+
+
+def test_shares_are_settable_and_normalised() -> None:
+    shares = {Priority.PREDICT: 1.0, Priority.CERTIFY: 1.0, Priority.JOB: 2.0}
+    scheduler = Scheduler(max_pending_samples=10**9, shares=shares)
+    assert scheduler.shares == {Priority.PREDICT: 0.25, Priority.CERTIFY: 0.25, Priority.JOB: 0.5}
+    served = served_under_a_predict_flood(scheduler)
+    total = sum(served.values())
+    assert served[Priority.JOB] >= 0.9 * 0.5 * total, served
+
+
+def test_a_sequential_predict_client_is_served_next_while_certify_saturates() -> None:
+    scheduler = Scheduler(max_pending_samples=10**9)
+    for seed in range(4):
+        scheduler.submit(item(10**7, Priority.CERTIFY, seed=seed))
+    for step in range(200):  # one prediction at a time, a certify batch in between: strict priority's latency
+        scheduler.submit(item(100, Priority.PREDICT, seed=100 + step))
+        assert {i.priority for i in batch_of(scheduler).items} == {Priority.PREDICT}
+        assert {i.priority for i in batch_of(scheduler).items} == {Priority.CERTIFY}
+
+
+def test_a_class_back_from_idle_leads_the_next_batch_without_saved_credit() -> None:
+    scheduler = Scheduler(max_pending_samples=10**9)
+    scheduler.submit(item(10**6, Priority.CERTIFY, seed=1))
+    for _ in range(50):  # certify alone for a while: predictions were idle
+        scheduler.complete(batch := batch_of(scheduler), torch.zeros(len(batch.chunks), 3, dtype=torch.long), 0.01)
+    scheduler.submit(item(100, Priority.PREDICT, seed=2))
+    assert {i.priority for i in batch_of(scheduler).items} == {Priority.PREDICT}  # served at once
+    for step in range(300):  # then a predict flood: it leads at first (its burst), then certify gets its turns
+        scheduler.submit(item(100, Priority.PREDICT, seed=3 + step))
+    leads = [batch_of(scheduler).items[0].priority for _ in range(60)]
+    assert leads[:5] == [Priority.PREDICT] * 5 and Priority.CERTIFY in leads, leads
+
+
 def test_backlog_is_pending_samples_over_each_models_rate_and_sets_retry_after() -> None:
     scheduler = Scheduler(max_pending_samples=10_000, expected_rates={"a": 1000.0, "b": 250.0})
     scheduler.submit(item(4000, Priority.CERTIFY, model_id="a"))

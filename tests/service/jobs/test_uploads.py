@@ -6,6 +6,7 @@ import gzip
 import io
 import struct
 import tarfile
+import tracemalloc
 import zipfile
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.jobs.uploads import UploadError, parse_upload
+from service.jobs.uploads import DecodeBudget, UploadError, parse_upload
 
 SHAPE = (1, 28, 28)
 LIMITS = dict(max_images=10, max_pixels=4096 * 4096, max_total_bytes=16 << 20)
@@ -338,3 +339,39 @@ def test_npz_bomb_is_refused_from_its_declared_size(decompressed_bytes) -> None:
     error = rejected("bomb.npz", buffer.getvalue(), max_total_bytes=4 << 20)
     assert error.status_code == 413
     assert decompressed_bytes[0] == 0
+
+
+# -- memory: entry by entry, the archive's total ratio, a budget shared by concurrent uploads ------
+
+
+def test_many_entries_each_just_at_the_ratio_floor_are_refused_by_their_total() -> None:
+    zeros = bytes(1 << 20)  # exactly RATIO_FLOOR: the per-entry ratio test lets each through
+    archive = make_zip([(f"{i:03}.png", zeros) for i in range(12)])
+    error = rejected("bomb.zip", archive, max_images=100, max_total_bytes=64 << 20)
+    assert error.status_code == 413 and "in all" in error.message, error.message
+
+
+def test_entries_are_decoded_one_at_a_time_and_the_first_bad_one_ends_the_parse() -> None:
+    noise = np.random.default_rng(0).bytes(1 << 20)  # incompressible, and no image
+    archive = make_zip([(f"{i:02}.png", noise) for i in range(12)])
+    tracemalloc.start()
+    try:
+        error = rejected("junk.zip", archive, max_images=100, max_total_bytes=64 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert error.status_code == 415 and "'00.png'" in error.message, error.message
+    assert peak < 4 << 20, f"{peak} bytes held: more than one entry was read"
+
+
+def test_concurrent_uploads_share_a_decoding_budget() -> None:
+    budget = DecodeBudget(1 << 20)
+    archive = make_zip([(f"{i}.png", png(image)) for i, image in enumerate(gray_images(3))])
+    with budget.hold((1 << 20) - 100):  # another upload is being decompressed
+        error = rejected("set.zip", archive, budget=budget)
+        assert error.status_code == 503 and error.retry_after_s is not None, error.message
+        npz = make_npz(images=np.zeros((3, 28, 28), dtype=np.uint8))
+        assert rejected("set.npz", npz, budget=budget).status_code == 503
+    assert budget.held == 0
+    assert len(parse("set.zip", archive, budget=budget).images) == 3  # once it is free again
+    assert budget.held == 0

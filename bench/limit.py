@@ -9,7 +9,6 @@ certified radii it gives match float32's within sampling error. A ladder of inte
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,18 +22,19 @@ from models.registry import load_model
 from smoothing.core import certify
 from smoothing.tuning import (
     CPU_BATCH_SIZES,
+    FASTER_BY,
     GPU_BATCH_SIZES,
     Autocast,
     InferencePlan,
     fold_batchnorm,
     measure_throughput,
     pick_batch,
+    precision_ratio,
     prepare_for_inference,
     sweep_batch_sizes,
 )
 
 PAPER_BATCH = 1_000  # Cohen et al.'s certify loop: every request's samples in batches of 1,000
-FASTER_BY = 1.05  # a reduced precision must beat float32 by 5 % to be worth its rounding
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ def measure_limit(
             (limit_rate(float32, precision_seconds), limit_rate(candidate, precision_seconds))
             for _ in range(precision_rounds)
         ]
-        ratio = statistics.median(low / full for full, low in pairs)
+        ratio = precision_ratio(pairs)  # the tuner's policy: worth it from FASTER_BY on
         reduced_rate = ratio * float32_rate
         entry: dict[str, object] = {
             "dtype": dtype_name(dtype),

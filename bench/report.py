@@ -15,6 +15,12 @@ FINDINGS = Path(__file__).resolve().parent / "findings.md"
 STUDIES = Path(__file__).resolve().parents[1] / "results" / "sample-efficiency"
 SAMPLE_EFFICIENCY = STUDIES / "report.md"  # python -m training.studies.sample_efficiency
 BOUND_STUDY = STUDIES / "bounds.md"  # python -m training.studies.bound_sim
+POOL = Path(__file__).resolve().parent / "results"
+POOL_SECTIONS = (  # issue 17: python -m bench.executors, python -m bench.workers, and the paper estimate
+    POOL / "executors" / "report.md",
+    POOL / "workers" / "report.md",
+    POOL / "workers" / "scaling.md",
+)
 
 
 def num(value: float | None, digits: int = 0) -> str:
@@ -349,6 +355,9 @@ def render(runs: list[dict[str, Any]]) -> str:
             ]
         for title, section in SECTIONS:
             lines += ["", f"### {title}", "", *section(r)]
+    for section in POOL_SECTIONS:
+        if section.exists():
+            lines += ["", section.read_text().strip()]
     if FINDINGS.exists():
         lines += ["", "## Where the time goes", "", FINDINGS.read_text().strip()]
     for study in (SAMPLE_EFFICIENCY, BOUND_STUDY):

@@ -63,7 +63,7 @@ def server_env(
             "CERTSERVE_PORT": str(port),
             "CERTSERVE_MODEL_DIR": str(model_dir),
             "CERTSERVE_MODELS": f'["{model_id}"]',
-            "CERTSERVE_DEVICE": str(device),
+            "CERTSERVE_DEVICES": str(device),
             "CERTSERVE_TUNING_CACHE": str(tuning_cache),  # the plan L was measured with: same batch, same format
             "CERTSERVE_PRECISION": precision,  # and the same arithmetic
             "CERTSERVE_JOB_DB": str(job_db),

@@ -3,6 +3,12 @@
 The manifest says everything the service needs to use the model (architecture, dataset, class
 names, input shape, σ, normalization) and how it was made (training recipe, metrics, source),
 with the sha256 of the weights file so that a swapped or damaged file is caught at load time.
+
+Its ``kind`` is ``classifier`` (the default: logits over ``classes``), ``denoiser`` (an image of
+the input's shape, trained to undo N(0, σ²I)) or ``composed``: a manifest alone, no weights,
+whose ``parts`` name other checkpoints of the same registry by id and sha256 (see
+``models.composed``); its ``sha256`` is ``parts_digest`` of those parts, so it changes whenever
+any part does.
 """
 
 from __future__ import annotations
@@ -10,10 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from torch import nn
 
 from models.architectures import ARCHITECTURES, build_model
@@ -31,24 +37,65 @@ class Normalization(BaseModel):
     std: list[float]
 
 
+class Part(BaseModel):
+    """One part of a composed model: a checkpoint of the same registry, pinned by its manifest's sha256."""
+
+    id: str
+    role: Literal["denoiser", "classifier", "member"]
+    sha256: str = Field(description="the part's manifest sha256 when the composed manifest was written")
+
+
 class Manifest(BaseModel):
     """Metadata stored beside the weights (cf. timm's pretrained configs)."""
 
     id: str
+    kind: Literal["classifier", "denoiser", "composed"] = "classifier"
     architecture: str
     dataset: str
     classes: list[str]
     input_shape: tuple[int, int, int] = Field(description="(C, H, W) of inputs in [0, 1] pixel space")
-    sigma: float = Field(gt=0, description="σ of the Gaussian noise the model was trained with")
-    normalization: Normalization
+    sigma: float = Field(
+        ge=0,
+        description="σ of the Gaussian noise the model was trained with (a denoiser: the σ it removes; "
+        "0: a classifier trained without noise, only usable as a part of a composed model)",
+    )
+    normalization: Normalization | None = Field(default=None, description="required unless kind is composed")
     weights: str = WEIGHTS_FILE
-    sha256: str
+    sha256: str = Field(description="sha256 of the weights file; for a composed model, parts_digest of its parts")
+    parts: list[Part] = Field(default_factory=list, description="composed only: the parts, in order")
+    combine: Literal["sequential", "mean_softmax"] | None = Field(
+        default=None, description="composed only: run the parts in sequence, or average the members' softmax"
+    )
     training: dict[str, Any] = Field(default_factory=dict, description="recipe, command and metrics")
     source: dict[str, Any] = Field(default_factory=dict, description="where the weights came from")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Manifest:
+        if self.kind != "classifier" and self.sigma == 0:
+            raise ValueError(f"sigma must be positive for a {self.kind}")
+        if self.kind == "composed":
+            if not self.parts or self.combine is None:
+                raise ValueError("a composed manifest needs parts and combine")
+        elif self.parts or self.combine is not None or self.normalization is None:
+            raise ValueError(f"a {self.kind} manifest needs normalization and has no parts or combine")
+        return self
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def servable(self) -> bool:
+        """Whether the model can be smoothed on its own: a classifier trained with noise, or a composed model."""
+        return self.kind == "composed" or (self.kind == "classifier" and self.sigma > 0)
+
+
+def parts_digest(combine: str, parts: list[Part]) -> str:
+    """sha256 (hex) of the canonical JSON of ``combine`` and every part's id, role and sha256, in order."""
+    canonical = json.dumps(
+        {"combine": combine, "parts": [part.model_dump() for part in parts]}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def manifest_digest(manifest: Manifest) -> str:
@@ -153,6 +200,11 @@ def load_weights(model: nn.Module, state: dict[str, Any], path: Path) -> None:
 
 def build_from_manifest(manifest: Manifest) -> nn.Sequential:
     """The untrained ``Sequential(NormalizeLayer, net)`` that a manifest describes."""
+    if manifest.kind == "composed" or manifest.normalization is None:
+        raise CheckpointError(
+            f"manifest {manifest.id!r}: a composed model has no weights of its own; load it with "
+            "models.registry.load_model, which finds its parts"
+        )
     if manifest.architecture not in ARCHITECTURES:
         raise CheckpointError(f"manifest {manifest.id!r}: unknown architecture {manifest.architecture!r}")
     return build_model(

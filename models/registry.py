@@ -5,6 +5,8 @@
         cohen2019-cifar10-resnet110-sigma0.25/ ...
 
 Listing reads only the manifests; loading (``load_model``) also checks the weights' sha256.
+A composed model (``models.composed``) is a folder with a manifest only, naming other folders
+of the same registry as its parts; ``load_model`` loads and checks them and returns one module.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import MANIFEST_FILE, CheckpointError, Manifest, load_checkpoint, read_manifest
+from models.composed import load_composed
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
 
@@ -60,8 +63,12 @@ def read_registry_manifest(directory: Path) -> Manifest:
     return manifest
 
 
-def list_models(root: Path) -> list[Manifest]:
+def list_models(root: Path, parts: bool = False) -> list[Manifest]:
     """Manifests of every valid checkpoint folder under ``root``, sorted by id.
+
+    Only models that can be smoothed on their own (``Manifest.servable``: classifiers trained
+    with noise, composed models) unless ``parts``: then denoisers and classifiers trained without
+    noise (σ = 0), which exist to be parts of composed models, too.
 
     A broken folder (no manifest, invalid manifest, id not equal to the folder name) is skipped
     with a logged warning naming it, so that one bad folder never hides the others. Files and
@@ -77,9 +84,12 @@ def list_models(root: Path) -> list[Manifest]:
         if not directory.is_dir() or directory.name.startswith("."):
             continue
         try:
-            manifests.append(read_registry_manifest(directory))
+            manifest = read_registry_manifest(directory)
         except CheckpointError as e:
             log.warning("skipping registry folder %s: %s", directory, e)
+            continue
+        if parts or manifest.servable:
+            manifests.append(manifest)
     return sorted(manifests, key=lambda m: m.id)
 
 
@@ -93,18 +103,23 @@ def find_checkpoint(root: Path, model_id: str) -> Path:
     try:
         check_model_id(model_id)
     except ValueError:
-        raise ModelNotFound(model_id, root, [m.id for m in list_models(root)]) from None
+        raise ModelNotFound(model_id, root, [m.id for m in list_models(root, parts=True)]) from None
     directory = root / model_id
     if not directory.is_dir():
-        raise ModelNotFound(model_id, root, [m.id for m in list_models(root)])
+        raise ModelNotFound(model_id, root, [m.id for m in list_models(root, parts=True)])
     read_registry_manifest(directory)
     return directory
 
 
-def load_model(root: Path, model_id: str, device: str | torch.device = "cpu") -> tuple[nn.Sequential, Manifest]:
+def load_model(root: Path, model_id: str, device: str | torch.device = "cpu") -> tuple[nn.Module, Manifest]:
     """Load model ``model_id`` from the registry at ``root`` in eval mode on ``device``.
 
-    The weights' sha256 is checked against the manifest. Raises ModelNotFound for an unknown id
-    and CheckpointError (naming the file) for a broken checkpoint.
+    The weights' sha256 is checked against the manifest; a composed model's parts are loaded
+    from the same registry and checked (``models.composed.load_composed``). Raises ModelNotFound
+    for an unknown id and CheckpointError (naming the file, and the part) for a broken checkpoint.
     """
-    return load_checkpoint(find_checkpoint(root, model_id), device)
+    directory = find_checkpoint(root, model_id)
+    manifest = read_registry_manifest(directory)
+    if manifest.kind == "composed":
+        return load_composed(root, manifest, device), manifest
+    return load_checkpoint(directory, device)

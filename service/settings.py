@@ -39,12 +39,16 @@ class Settings(BaseSettings):
     # models and device
     model_dir: Path = Field(DEFAULT_ROOT, description="registry folder of checkpoints (manifest.json + weights.pt)")
     models: list[str] = Field(default_factory=list, description="model ids to load; empty = every model in model_dir")
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:k]'")
+    devices: str = Field(
+        "auto",
+        description="the executors: 'auto' (every visible CUDA GPU, else the CPU as measured best), a list "
+        "('cuda:0,cuda:1'), 'cpu', or 'cpu*2' (also 'cpu×2', 'cpu:2') for two CPU executors splitting the threads",
+    )
     threads: int = Field(
         0,
         ge=0,
-        description="CPU threads of the forward passes; 0 = PyTorch's default (one per core). Every other "
-        "thread of the service computes on one",
+        description="CPU threads of the forward passes in all, split among the CPU executors; 0 = one per core. "
+        "Every other thread of the service computes on one",
     )
     max_batch: int = Field(0, ge=0, description="cap on samples per forward pass; 0 = the measured best batch size")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -99,6 +103,36 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="certificate cache time-to-live")
     cache_size: int = Field(10_000, gt=0, description="entries of the in-process LRU cache (no Redis)")
     job_db: Path = Field(Path("state/jobs.sqlite3"), description="SQLite job store when Redis is not configured")
+
+    # batch jobs on many machines (Dramatiq workers; README "Adding a worker host")
+    job_backend: Literal["inprocess", "dramatiq"] = Field(
+        "inprocess",
+        description="'inprocess': jobs run in the API process; 'dramatiq': the API enqueues messages on Redis "
+        "(CERTSERVE_REDIS_URL) and `python -m service.jobs.worker` processes run them",
+    )
+    job_message_images: int = Field(
+        8, gt=0, description="images per Dramatiq message; a message must finish well within job_time_limit_s"
+    )
+    job_time_limit_s: float = Field(600.0, gt=0, description="longest a worker may spend on one message (Dramatiq's)")
+    job_max_retries: int = Field(3, ge=0, description="retries of a failing message before its job is marked failed")
+    worker_threads: int = Field(2, gt=0, description="messages a worker process runs at once (and prefetches)")
+    worker_metrics_port: int = Field(9191, ge=0, le=65535, description="port of a worker's Prometheus /metrics")
+    worker_heartbeat_timeout_ms: int = Field(
+        60_000, gt=0, description="a worker silent this long is taken for dead and its messages requeued (Dramatiq's)"
+    )
+    worker_maintenance_chance: int = Field(
+        1_000,
+        ge=0,
+        le=1_000_000,
+        description="per million broker calls: how often a worker requeues dead workers' messages (Dramatiq's)",
+    )
+
+    @model_validator(mode="after")
+    def _dramatiq_needs_redis(self) -> Settings:
+        if self.job_backend == "dramatiq" and not self.redis_url:
+            raise ValueError("CERTSERVE_JOB_BACKEND=dramatiq needs CERTSERVE_REDIS_URL (broker and job store)")
+        return self
+
     api_keys: list[str] = Field(default_factory=list, description="bearer keys; empty = no authentication")
     signing_key_file: Path | None = Field(
         None,

@@ -11,6 +11,10 @@ radius ≥ r) and the Appendix D lower bound on the true certified accuracy (The
 with probability ≥ 1 − ρ over CERTIFY's randomness, with α the α CERTIFY ran at). Radii are ℓ2
 in the [0, 1] pixel space of the model's input.
 
+It also reports the average certified radius (Zhai et al. 2020: the mean over examples of the
+radius when correct, 0 when wrong or abstained). ``--common`` keeps only the example indices
+that every log holds, to compare a run over fewer images with the matching rows of a longer one.
+
 Writes ``certified_accuracy.md``, ``certified_accuracy.tex`` and the curves' PNG (drawn by
 ``training.plots``, which also draws the service's job plots); with ``--compare-bounds`` also
 ``bounds.md`` and ``bounds.png`` (needs the ``count_a n sigma`` columns that ``certify`` writes).
@@ -82,6 +86,17 @@ def read_log(path: Path) -> Log:
 
 def correct(log: Log) -> np.ndarray:
     return log["correct"].astype(bool)
+
+
+def average_certified_radius(log: Log) -> float:
+    """Mean over the log's examples of the certified radius if correct, else 0 (ℓ2, the log's units)."""
+    return float(np.mean(np.where(correct(log), log["radius"], 0.0)))
+
+
+def common_rows(logs: list[Log]) -> list[Log]:
+    """Each log restricted to the example indices that all the logs hold (in each log's order)."""
+    shared = functools.reduce(np.intersect1d, [log["idx"] for log in logs])
+    return [{name: values[np.isin(log["idx"], shared)] for name, values in log.items()} for log in logs]
 
 
 def log_alpha(log: Log, path: Path, requested: float | None) -> float:
@@ -220,6 +235,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rho", type=float, default=0.001, help="Theorem 6 holds with probability ≥ 1 − ρ")
     parser.add_argument("--out-dir", type=Path, help="where the tables and plots go (default: the first log's folder)")
     parser.add_argument("--plot", type=Path, help="curves PNG (default: OUT_DIR/certified_accuracy.png)")
+    parser.add_argument("--common", action="store_true", help="only the example indices that every log holds")
     parser.add_argument(
         "--compare-bounds", action="store_true", help="also Theorem 1 vs Lecuyer et al. vs Li et al. (Figure 8, left)"
     )
@@ -260,18 +276,31 @@ def main(argv: list[str] | None = None) -> None:
         if "radius" not in log or log["idx"].size == 0:
             raise SystemExit(f"{path}: not a certify log with at least one row (needs a radius column)")
     args.labels = args.labels or default_labels(logs, args.logs)
+    if args.common:
+        logs = common_rows(logs)
+        if logs[0]["idx"].size == 0:
+            raise SystemExit("--common: the logs share no example index")
 
     header = ["log", "accuracy", *radius_header(args.radii)]
     rows = accuracy_rows(logs, args.logs, args.labels, args.radii, args.alpha, args.rho)
     timing_header = ["log", "examples", "mean time (s)", "total time"]
     timing = timing_rows(logs, args.labels)
+    acr_header = ["log", "average certified radius"]
+    acr = [[label, f"{average_certified_radius(log):.3f}"] for log, label in zip(logs, args.labels, strict=True)]
     markdown = (
         f"## Certified accuracy\n\n{markdown_table(header, rows)}\n"
+        f"## Average certified radius\n\n{markdown_table(acr_header, acr, label_columns=1)}\n"
         f"## Time per example\n\n{markdown_table(timing_header, timing, label_columns=1)}"
     )
     print(markdown)
     write(args.out_dir / "certified_accuracy.md", markdown)
-    latex = latex_table(header, rows) + "\n" + latex_table(timing_header, timing, label_columns=1)
+    latex = "\n".join(
+        [
+            latex_table(header, rows),
+            latex_table(acr_header, acr, label_columns=1),
+            latex_table(timing_header, timing, 1),
+        ]
+    )
     write(args.out_dir / "certified_accuracy.tex", latex)
     curves = {label: (log["radius"], correct(log)) for log, label in zip(logs, args.labels, strict=True)}
     plot = args.plot or args.out_dir / "certified_accuracy.png"

@@ -207,9 +207,14 @@ def run(args: argparse.Namespace) -> None:
     model, batch_size, channels_last = prepare_model(
         model, tuple(manifest.input_shape), args.batch_size, args.device, manifest.sha256, args.precision
     )
+    sigma = manifest.sigma if args.sigma is None else args.sigma
+    if sigma <= 0:
+        raise SystemExit(
+            f"{args.mode}: {args.model} was trained without noise (σ = 0); give the σ to smooth at, --sigma"
+        )
     smoothed = Smoothed(
         model,
-        manifest.sigma,
+        sigma,
         manifest.num_classes,
         batch_size,
         channels_last,
@@ -268,6 +273,11 @@ def parse_args(mode: str, argv: list[str] | None) -> argparse.Namespace:
         default=None,
         metavar="auto|B",
         help="samples per forward pass (default auto: measured)",
+    )
+    parser.add_argument(
+        "--sigma",
+        type=float,
+        help="smooth at this σ instead of the model's own (e.g. a classifier trained without noise)",
     )
     parser.add_argument("--seed", type=int, default=0, help="run seed; example idx uses example_seed(seed, idx)")
     parser.add_argument("--device", default="cpu")

@@ -37,10 +37,13 @@ class Timing:
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, models: dict[str, LoadedModel], *, timeout_s: float) -> None:
+    def __init__(
+        self, scheduler: Scheduler, models: dict[str, LoadedModel], *, timeout_s: float, pin_inputs: bool = False
+    ) -> None:
         self.scheduler = scheduler
-        self.models = models
+        self.models = models  # manifests and plans, for answers; each executor holds its device's own copy
         self.timeout_s = timeout_s
+        self.pin_inputs = pin_inputs  # page-locked inputs, so that executors copy them to a GPU without a sync
 
     def model(self, model_id: str) -> LoadedModel:
         try:
@@ -57,8 +60,10 @@ class Engine:
         (the library), whatever else shares the batches. One deadline covers every phase.
         """
         loaded = self.model(model_id)
-        x = x.to(loaded.device)
+        x = x.to("cpu")  # the scheduler's items live on the host: any executor's device may run them
         key = stream_key(seed, x)
+        if self.pin_inputs:
+            x = x.pin_memory()
         deadline = time.monotonic() + self.timeout_s
         timing = Timing()
         try:

@@ -1,8 +1,15 @@
-"""The executor: one thread per device that owns the loaded models and runs the forward passes.
+"""An executor: one thread that owns one device's loaded models and runs the scheduler's batches on it.
 
-It asks the scheduler for a batch, draws the noise on the device, runs noise + forward +
+It asks the scheduler for a batch, copies the inputs to its device, runs noise + forward +
 argmax + bincount (``smoothing.sampling.count_chunks``) and hands the counts back. The event
-loop never runs a forward pass.
+loop never runs a forward pass. Several executors (service.engine.pool) may feed from one
+scheduler; each batch goes to exactly one of them.
+
+A failing device: a forward pass that raises hands its batch back to the scheduler (``requeue``)
+while another executor of the pool is alive, so that the requests are answered elsewhere; with
+no other executor it fails the batch's requests. After ``MAX_CONSECUTIVE_FAILURES`` failures in
+a row, an executor with live peers takes itself out of the pool (its thread ends, ``error`` says
+why). A thread that dies of anything else hands its in-flight batch back the same way.
 
 CPU threads: the executor's thread is the only one that computes on several cores. Once it runs,
 every other thread of the process is limited to one intra-op thread. The reason is libgomp
@@ -19,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -29,44 +37,48 @@ from smoothing.tuning import claim_threads
 
 log = logging.getLogger(__name__)
 
+MAX_CONSECUTIVE_FAILURES = 3  # forward passes in a row that raise before a device is taken out of the pool
+FAILURE_BACKOFF_S = 0.05  # a failing executor waits this long (× failures in a row) so that its peers take the work
+
 
 class Executor:
-    """Runs the scheduler's batches on one device in a background thread."""
+    """Runs the scheduler's batches on one device in a background thread named ``name``, which also labels
+    its metrics (``cuda:0``, ``cpu#1``)."""
 
     def __init__(
         self,
         scheduler: Scheduler,
         models: dict[str, LoadedModel],
         *,
+        name: str = "executor",
         on_batch: Callable[[Batch, float], None] | None = None,
         on_failure: Callable[[Batch, BaseException], None] | None = None,
         threads: int = 0,
-        name: str = "cpu",
+        peers_alive: Callable[[Executor], bool] = lambda _: False,
     ) -> None:
-        """``name`` labels this executor's metrics (the device it computes on, e.g. "cpu" or "cuda:0")."""
         self.scheduler = scheduler
         self.models = models
         self.name = name
+        self.device = next(iter(models.values())).device if models else torch.device("cpu")
         self.on_batch = on_batch  # metrics hook: (batch, seconds)
         self.on_failure = on_failure  # metrics hook: (batch, error) of a forward pass that raised
         self.threads = threads or torch.get_num_threads()  # intra-op threads of the forward passes
+        self.peers_alive = peers_alive  # whether another executor of the pool can take over its work
+        self.consecutive_failures = 0
+        self.error: str | None = None  # why the executor left the pool; None while it serves
         self._stop = threading.Event()
         self._running = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"executor-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
-        """Start the thread; then limit every other thread of the process to one intra-op thread.
-
-        ``torch.set_num_threads`` changes the calling thread's own count and the count that threads
-        computing for the first time start with; the executor has set its own by then.
-        """
+        """Start the thread and wait until it has claimed its intra-op threads."""
         self._thread.start()
         self._running.wait()
-        torch.set_num_threads(1)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
@@ -78,25 +90,58 @@ class Executor:
     def _run(self) -> None:
         # Flushing denormals is a per-thread setting: set it on the thread that runs the forward passes.
         torch.set_flush_denormal(True)
-        log.info("executor computes on %d threads", claim_threads(self.threads))
+        log.info("%s computes on %s with %d threads", self.name, self.device, claim_threads(self.threads))
         self._running.set()
-        while not self._stop.is_set():
-            batch = self.scheduler.next_batch(self._batch_size_for, timeout=0.05)
-            if batch is None:
-                continue
-            model = self.models[batch.model_id]
-            started = time.perf_counter()
+        batch: Batch | None = None
+        try:
+            while not self._stop.is_set():
+                batch = self.scheduler.next_batch(self._batch_size_for, timeout=0.05)
+                if batch is None:
+                    continue
+                if not self._run_batch(batch):
+                    return
+                batch = None
+        except BaseException as e:  # the thread dies: its batch goes back to the queue, or fails
+            self.error = f"executor thread died: {type(e).__name__}: {e}"
+            log.exception("%s died", self.name)
+            if batch is not None:
+                self._give_back(batch, e)
+
+    def _run_batch(self, batch: Batch) -> bool:
+        """Run one batch; False once this executor has taken itself out of the pool."""
+        model = self.models[batch.model_id]
+        started = time.perf_counter()
+        try:
+            # Inputs live on the host (pinned when a GPU is in use): copy them without waiting.
+            chunks = [replace(c, x=c.x.to(model.device, non_blocking=True)) for c in batch.chunks]
+            counts = count_chunks(model.plan.model, chunks, model.manifest.num_classes, model.plan.channels_last)
+        except Exception as e:  # a failing forward pass never kills the thread by itself
+            self.consecutive_failures += 1
+            log.exception("%s: forward pass failed (%d in a row)", self.name, self.consecutive_failures)
+            self._give_back(batch, e)
+            if self.on_failure is not None:
+                self.on_failure(batch, e)
+            if self.peers_alive(self):
+                if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                    last = f"{type(e).__name__}: {e}"
+                    self.error = f"{self.consecutive_failures} forward passes in a row failed, last: {last}"
+                    log.error("%s taken out of the pool: %s", self.name, self.error)
+                    return False
+                self._stop.wait(FAILURE_BACKOFF_S * self.consecutive_failures)
+            return True
+        self.consecutive_failures = 0
+        seconds = time.perf_counter() - started
+        self.scheduler.complete(batch, counts, seconds)
+        if self.on_batch is not None:
             try:
-                counts = count_chunks(
-                    model.plan.model, batch.chunks, model.manifest.num_classes, model.plan.channels_last
-                )
-            except Exception as e:  # a failing forward pass fails its requests, never the thread
-                log.exception("forward pass failed for %s", batch.model_id)
-                self.scheduler.fail(batch, e)
-                if self.on_failure is not None:
-                    self.on_failure(batch, e)
-                continue
-            seconds = time.perf_counter() - started
-            self.scheduler.complete(batch, counts, seconds)
-            if self.on_batch is not None:
                 self.on_batch(batch, seconds)
+            except Exception:  # a metrics hook that breaks loses a sample, never the device (the batch is done)
+                log.exception("%s: on_batch hook failed", self.name)
+        return True
+
+    def _give_back(self, batch: Batch, error: BaseException) -> None:
+        """Another executor runs the batch's chunks if one is alive; otherwise its requests fail."""
+        if self.peers_alive(self):
+            self.scheduler.requeue(batch, error)
+        else:
+            self.scheduler.fail(batch, error)

@@ -19,8 +19,10 @@ batch of its own size instead of a full one. And for ``INTERACTIVE_WINDOW_S`` af
 is the model's interactive size (the smallest near its best throughput, smoothing.tuning) rather
 than its fastest, so that the batch in flight is short too (bench/findings.md).
 
-Threads: the event loop calls ``submit`` and cancels futures; the executor thread calls
-``next_batch`` and ``complete``. One condition variable guards all state.
+Threads: the event loop calls ``submit`` and cancels futures; each executor thread of the pool
+(service.engine.pool) calls ``next_batch`` and ``complete``, or ``requeue`` when its device failed
+so that another executor runs those chunks. One condition variable guards all state, so any
+number of executors can consume: a batch is handed out once, whole, to the executor that asked.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ import torch
 from smoothing.sampling import NOISE_BLOCK, Chunk
 
 INTERACTIVE_WINDOW_S = 1.0
+# An item whose chunks came back from failed devices more often than this fails. It is above the failures
+# that take one device out of the pool (service.engine.executor), so a single bad device fails no request.
+MAX_REQUEUES = 8
 # Samples per second assumed for a model before its first batch when no measured rate was given.
 ASSUMED_SAMPLES_PER_S = 1_000.0
 
@@ -74,7 +79,7 @@ class WorkItem:
     """Count the base classifier's predictions on samples [start, start + num) of stream (key, stage) around x."""
 
     model_id: str
-    x: torch.Tensor  # (C, H, W) in [0, 1], on the model's device
+    x: torch.Tensor  # (C, H, W) in [0, 1], on the host (each executor copies it to its device)
     sigma: float
     key: int  # the request's noise stream key (smoothing.sampling.stream_key)
     stage: int
@@ -86,8 +91,11 @@ class WorkItem:
     arrival: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)  # resolves to the counts, int64 (num_classes,)
     counts: torch.Tensor = field(init=False)
-    dispatched: int = 0  # samples handed to the executor so far
+    dispatched: int = 0  # samples of the stream's prefix handed to executors so far
     counted: int = 0  # samples whose predictions came back
+    returned: deque[tuple[int, int]] = field(default_factory=deque)  # stream ranges back from failed devices
+    returned_samples: int = 0  # samples in ``returned``
+    requeues: int = 0  # batches of this item that came back from a failed device
     first_dispatch: float | None = None
     dropped: bool = False  # cancelled, expired or failed: its pending samples were already released
 
@@ -96,7 +104,23 @@ class WorkItem:
 
     @property
     def undispatched(self) -> int:
-        return self.num - self.dispatched
+        return self.num - self.dispatched + self.returned_samples
+
+    def take(self, size: int) -> tuple[int, int]:
+        """The next stream range [first, stop) of at most ``size`` samples to run: returned ranges first."""
+        if self.returned:
+            first, stop = self.returned[0]
+            size = min(size, stop - first)
+            if first + size == stop:
+                self.returned.popleft()
+            else:
+                self.returned[0] = (first + size, stop)
+            self.returned_samples -= size
+            return first, first + size
+        size = min(size, self.num - self.dispatched)
+        first = self.start + self.dispatched
+        self.dispatched += size
+        return first, first + size
 
 
 @dataclass(frozen=True)
@@ -169,7 +193,7 @@ class Scheduler:
             self._queues[item.priority].append(item)
             if item.priority == Priority.PREDICT:
                 self._interactive_until = time.monotonic() + INTERACTIVE_WINDOW_S
-            self._cond.notify()
+            self._cond.notify_all()
         return item.future
 
     def next_batch(self, batch_size_for: Callable[[str, bool], int], timeout: float) -> Batch | None:
@@ -197,6 +221,8 @@ class Scheduler:
             batch = self._fill(lead.model_id, batch_size, classes)
             for item, chunk in zip(batch.items, batch.chunks, strict=True):
                 self._weighted_service[item.priority] += chunk.size / self.shares[item.priority]
+            if self._most_urgent() is not None:
+                self._cond.notify()  # more work left: wake another idle executor rather than wait for its timeout
             return batch
 
     def complete(self, batch: Batch, counts: torch.Tensor, service_seconds: float) -> None:
@@ -215,6 +241,24 @@ class Scheduler:
                 rate = batch.size / service_seconds
                 previous = self._rates.get(batch.model_id)
                 self._rates[batch.model_id] = rate if previous is None else 0.9 * previous + 0.1 * rate
+
+    def requeue(self, batch: Batch, error: BaseException) -> None:
+        """The batch's device failed: put its chunks back for another executor (counts are unaffected).
+
+        An item that came back more than MAX_REQUEUES times fails with ``error`` instead, so that an
+        input that breaks every device does not circulate forever."""
+        with self._cond:
+            for item in set(batch.items):
+                item.requeues += 1
+            for item, chunk in zip(batch.items, batch.chunks, strict=True):
+                if item.dropped:
+                    continue
+                if item.requeues > MAX_REQUEUES:
+                    self._drop(item, error)
+                    continue
+                item.returned.append((chunk.start, chunk.stop))
+                item.returned_samples += chunk.size
+            self._cond.notify_all()
 
     def fail(self, batch: Batch, error: BaseException) -> None:
         """The forward pass raised: fail every item of the batch and drop its remaining work."""
@@ -264,13 +308,11 @@ class Scheduler:
                 for item in turn:  # one chunk per item per turn, oldest-served first
                     if room == 0:
                         break
-                    size = min(self.chunk_size, item.undispatched, room)
-                    first = item.start + item.dispatched
-                    chunks.append(Chunk(item.x, item.sigma, item.key, item.stage, first, first + size))
+                    first, stop = item.take(min(self.chunk_size, room))
+                    chunks.append(Chunk(item.x, item.sigma, item.key, item.stage, first, stop))
                     items.append(item)
-                    item.dispatched += size
                     item.first_dispatch = item.first_dispatch or time.monotonic()
-                    room -= size
+                    room -= stop - first
                     queue.remove(item)
                     queue.append(item)  # round-robin: served items go to the back
         return Batch(model_id, items, chunks)
@@ -294,6 +336,8 @@ class Scheduler:
             self._pending -= item.num - item.counted
             item.counted = item.num  # nothing more will be counted for it
             item.dispatched = item.num
+            item.returned.clear()
+            item.returned_samples = 0
         if error is not None:
             _resolve(item.future, error=error)
 

@@ -1,7 +1,7 @@
 """The FastAPI application: lifespan wiring, the body-size guard and the JSON error answers.
 
 ``create_app(settings)`` returns an app whose lifespan loads the models, starts the scheduler's
-executor thread, the certificate cache and the job runner, and stops them in reverse order.
+executor pool, the certificate cache and the job runner, and stops them in reverse order.
 Every error is answered as JSON ``{"detail": "..."}``; bad input never gives a 500.
 """
 
@@ -25,11 +25,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import metrics
 from service.cache import make_cache
 from service.decoding import DecodeError
-from service.engine.engine import Engine, UnknownModel
-from service.engine.executor import Executor
-from service.engine.models import load_models, pick_device
-from service.engine.scheduler import DeadlineExceeded, QueueFull, Scheduler
-from service.gpu_metrics import GPU
+from service.engine.engine import UnknownModel
+from service.engine.pool import load_settings_models, parse_devices, start_engine
+from service.engine.scheduler import DeadlineExceeded, QueueFull
 from service.http import routes_health, routes_jobs, routes_models, routes_smoothing
 from service.http.response_metrics import ResponseMetrics, mark_cause
 from service.http.routes_console import add_console
@@ -37,6 +35,7 @@ from service.http.routes_smoothing import ClientDisconnected
 from service.http.schemas import RADIUS_UNITS
 from service.http.shutdown import Drain, ShutdownGuard
 from service.http.state import Services
+from service.jobs.queue import make_enqueue
 from service.jobs.runner import RESUME_RETRY_S, STORE_ERRORS, JobRunner
 from service.jobs.store import RedisJobStore, SqliteJobStore
 from service.jobs.uploads import DecodeBudget, UploadError
@@ -65,53 +64,29 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     # Before the minutes of model loading: a bad key file fails the start at once.
     signing_key = None if settings.signing_key_file is None else load_private_key(settings.signing_key_file)
-    device = pick_device(settings.device)
+    slots = parse_devices(settings.devices, settings.threads)
     # Loading measures each model's best batch size (seconds of forward passes): keep it off the event loop,
     # on a thread that then exits, taking its OpenMP team with it (see service.engine.executor).
-    models = await in_passing_thread(
-        load_models,
-        settings.model_dir,
-        settings.models,
-        device,
-        max_batch=settings.max_batch,
-        tuning_cache=settings.tuning_cache,
-        precision=settings.precision,
-    )
-    if not models:
+    models = await in_passing_thread(load_settings_models, settings, slots)
+    if not any(models.values()):
         raise RuntimeError(f"no models found in {settings.model_dir} (set CERTSERVE_MODEL_DIR or CERTSERVE_MODELS)")
-    scheduler = Scheduler(
-        max_pending_samples=settings.max_pending_samples,
-        batch_delay_s=settings.batch_delay_ms / 1000.0,
-        shares=settings.shares,
-        expected_rates={model_id: m.plan.samples_per_second for model_id, m in models.items()},
-    )
-    name = str(device)
-    executor = Executor(
-        scheduler,
-        models,
-        on_batch=functools.partial(metrics.record_batch, executor=name),
-        on_failure=functools.partial(metrics.record_forward_failure, executor=name),
-        threads=settings.threads,
-        name=name,
-    )
-    executor.start()
-    metrics.track_executor(name, models)
-    metrics.track_scheduler(scheduler, models)
-    GPU.watch([device])
-    engine = Engine(scheduler, models, timeout_s=settings.request_timeout_s)
+    engine, pool = start_engine(settings, slots, models)
     cache = make_cache(settings)
     store = RedisJobStore(settings.redis_url) if settings.redis_url else SqliteJobStore(settings.job_db)
-    jobs = JobRunner(store, engine)
+    enqueue, close_broker = make_enqueue(settings) if settings.job_backend == "dramatiq" else (None, None)
+    jobs = JobRunner(store, engine, enqueue=enqueue)
     await jobs.start()
     uploads = DecodeBudget(settings.max_decoding_bytes)
-    app.state.services = Services(settings, scheduler, executor, engine, cache, jobs, uploads, signing_key)
-    log.info("serving %s on %s", ", ".join(models), device)
+    app.state.services = Services(settings, engine.scheduler, pool, engine, cache, jobs, uploads, signing_key)
+    log.info("serving %s on %s", ", ".join(engine.models), ", ".join(slot.name for slot in slots))
     try:
         yield
     finally:
-        await jobs.stop()  # first: its in-flight work needs the executor to finish or be cancelled
-        executor.stop()
+        await jobs.stop()  # first: its in-flight work needs the executors to finish or be cancelled
+        pool.stop()
         await cache.close()
+        if close_broker is not None:
+            close_broker()
 
 
 # -- request body limit ---------------------------------------------------------------------------

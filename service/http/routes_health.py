@@ -1,7 +1,8 @@
 """Health and metrics routes; they stay open when API keys are configured.
 
-Liveness depends on nothing (the process answers); readiness needs the models loaded and the
-executor thread alive. Redis (when configured) is reported but does not fail readiness: without
+Liveness depends on nothing (the process answers); readiness needs the models loaded and at
+least one executor of the pool alive (the body lists every device, a failed one with its error:
+the others serve on). Redis (when configured) is reported but does not fail readiness: without
 it every predict and certify is still answered (the certificate cache is skipped), so pulling the
 replica would lose capacity for nothing. While it is down the answer says "degraded" and which
 routes are affected: the job routes answer 503 + Retry-After, and running jobs wait for it.
@@ -36,16 +37,19 @@ async def live() -> Health:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "not ready: models not loaded or executor stopped"}},
-    summary="Readiness: models loaded and executor running (200, 'degraded' when only Redis is down)",
+    responses={503: {"model": Readiness, "description": "not ready: models not loaded or no executor alive"}},
+    summary="Readiness: models loaded and an executor running, each device listed (200, 'degraded' when only "
+    "Redis is down)",
 )
 @router.get("/v2/health/ready", response_model=Readiness, summary="Readiness, KServe v2 path")
 async def ready(request: Request) -> JSONResponse:
     svc = getattr(request.app.state, "services", None)
+    devices = []
     if svc is None:  # still starting
         checks = {"models_loaded": False, "executor_alive": False}
     else:
-        checks = {"models_loaded": bool(svc.engine.models), "executor_alive": svc.executor.alive}
+        checks = {"models_loaded": bool(svc.engine.models), "executor_alive": svc.pool.alive}
+        devices = svc.pool.devices()
     ok = all(checks.values())
     degraded = []
     if svc is not None and isinstance(svc.cache, RedisCache):
@@ -53,7 +57,7 @@ async def ready(request: Request) -> JSONResponse:
         if not checks["redis"]:
             degraded.append(REDIS_DOWN)
     status = "not ready" if not ok else "degraded" if degraded else "ready"
-    body = Readiness(status=status, checks=checks, degraded=degraded)
+    body = Readiness(status=status, checks=checks, degraded=degraded, devices=devices)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 

@@ -227,12 +227,23 @@ class Health(BaseModel):
     status: str
 
 
+class DeviceStatus(BaseModel):
+    name: str = Field(description="the executor: 'cuda:0'; 'cpu', or 'cpu#k' for the k-th of several CPU executors")
+    device: str
+    alive: bool = Field(description="whether it serves; a failed device is out of the pool, the others serve on")
+    threads: int = Field(description="intra-op CPU threads of its forward passes")
+    error: str | None = Field(description="why it left the pool; null while it serves")
+
+
 class Readiness(BaseModel):
     status: Literal["ready", "degraded", "not ready"] = Field(
         description="'degraded': ready, but a dependency that only some routes need is down (see `degraded`)"
     )
     checks: dict[str, bool] = Field(description="each condition and whether it holds (redis: informational)")
     degraded: list[str] = Field(default_factory=list, description="what does not work now, and what still does")
+    devices: list[DeviceStatus] = Field(
+        default_factory=list, description="each executor of the pool; ready while at least one is alive"
+    )
 
 
 class JobParams(BaseModel):

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
     from service.cache import Cache
     from service.engine.engine import Engine
-    from service.engine.executor import Executor
+    from service.engine.pool import Pool
     from service.engine.scheduler import Scheduler
     from service.jobs.runner import JobRunner
     from service.jobs.uploads import DecodeBudget
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 class Services:
     settings: Settings
     scheduler: Scheduler
-    executor: Executor
+    pool: Pool
     engine: Engine
     cache: Cache
     jobs: JobRunner

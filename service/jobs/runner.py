@@ -1,11 +1,12 @@
 """Batch certification jobs: an uploaded set of images certified in the background.
 
 The unit of work is ``certify_image``: it reads the job's parameters from the store, certifies
-one image through the engine at the lowest priority, and writes its result idempotently. The
-in-process ``JobRunner`` drives it with a few images in flight per job (so that they share
-forward passes); a distributed runner (e.g. Dramatiq workers) can call the same function with
-(job id, idx) messages. Since every finished image is in the store, a restarted runner resumes
-a job exactly where it stopped: finished images are neither repeated nor lost.
+one image through the engine at the lowest priority, and writes its result idempotently. With
+the in-process backend the ``JobRunner`` drives it with a few images in flight per job (so that
+they share forward passes); with the Dramatiq backend the runner only enqueues messages of image
+ranges (service.jobs.queue) and worker processes call the same function (service.jobs.worker).
+Since every finished image is in the store, a restarted runner resumes a job exactly where it
+stopped: finished images are neither repeated nor lost.
 
 Image idx of a job is sampled with seed ``image_seed(job seed, idx)``, so a row can be
 reproduced alone with ``smoothing.core.certify``.
@@ -40,6 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service import metrics
 from service.engine.engine import Engine, Timing
 from service.engine.scheduler import DeadlineExceeded, Priority, QueueFull
+from service.jobs.queue import Enqueue
 from service.jobs.store import (
     ACTIVE_STATES,
     JobRecord,
@@ -202,16 +204,19 @@ def _is_transient(error: BaseException) -> bool:
 
 
 class JobRunner:
-    """Runs jobs in this process: ``concurrency`` images in flight per job, at Priority.JOB."""
+    """Runs jobs in this process (``concurrency`` images in flight per job, at Priority.JOB), or, given
+    ``enqueue`` (service.jobs.queue), hands them to Dramatiq workers: the routes see no difference."""
 
-    backend = "inprocess"  # the job backend label of certserve_job_backlog_images
-
-    def __init__(self, store: JobStore, engine: Engine, *, concurrency: int = 8) -> None:
+    def __init__(
+        self, store: JobStore, engine: Engine, *, concurrency: int = 8, enqueue: Enqueue | None = None
+    ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.store = store
         self.engine = engine
         self.concurrency = concurrency
+        self.enqueue = enqueue
+        self.backend = "inprocess" if enqueue is None else "dramatiq"  # the label of certserve_job_backlog_images
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._resumer: asyncio.Task[None] | None = None
 
@@ -220,7 +225,11 @@ class JobRunner:
 
         A store that cannot be reached (Redis down at start-up) does not stop the service: the
         resumption is retried in the background every RESUME_RETRY_S seconds until it succeeds.
+        With Dramatiq workers there is nothing to resume here: the messages wait in Redis.
         """
+        if self.enqueue is not None:
+            await self._publish_counts()
+            return
         try:
             await self._resume()
         except STORE_ERRORS as e:
@@ -302,7 +311,14 @@ class JobRunner:
             tolerance=question.tolerance,
         )
         await self.store.create(job, parsed)
-        self._launch(job.id)
+        if self.enqueue is not None:
+            try:
+                await self.enqueue(job.id, job.total)
+            except Exception as e:  # the broker is down: no half-sent job stays queued forever
+                await self.store.set_state(job.id, "failed", error=f"could not enqueue: {_describe(e)}")
+                raise
+        else:
+            self._launch(job.id)
         await self._publish_counts()
         return job.id
 

@@ -88,6 +88,10 @@ class JobStore(Protocol):
 
     async def results(self, job_id: str) -> list[dict[str, Any]]: ...
     async def done_indices(self, job_id: str) -> set[int]: ...
+    async def missing(self, job_id: str, indices: list[int]) -> list[int]:
+        """The ones of ``indices`` that have no result yet, in order."""
+        ...
+
     async def summary(self, job_id: str) -> JobSummary: ...
     async def unfinished(self) -> list[str]: ...
     async def recent(self, owner: str | None, limit: int) -> list[JobRecord]:
@@ -221,6 +225,12 @@ class SqliteJobStore:
         sql = "SELECT idx FROM job_results WHERE job_id = ?"
         rows = await self._call(lambda: self._db.execute(sql, (job_id,)).fetchall())
         return {r[0] for r in rows}
+
+    async def missing(self, job_id: str, indices: list[int]) -> list[int]:
+        sql = f"SELECT idx FROM job_results WHERE job_id = ? AND idx IN ({', '.join('?' * len(indices))})"
+        rows = await self._call(lambda: self._db.execute(sql, (job_id, *indices)).fetchall())
+        done = {r[0] for r in rows}
+        return [i for i in indices if i not in done]
 
     async def summary(self, job_id: str) -> JobSummary:
         sql = (
@@ -367,6 +377,10 @@ class RedisJobStore:
 
     async def done_indices(self, job_id: str) -> set[int]:
         return {int(k) for k in await self._redis.hkeys(self._key(job_id, "results"))}
+
+    async def missing(self, job_id: str, indices: list[int]) -> list[int]:
+        rows = await self._redis.hmget(self._key(job_id, "results"), indices) if indices else []
+        return [i for i, row in zip(indices, rows, strict=True) if row is None]
 
     async def summary(self, job_id: str) -> JobSummary:
         done, abstentions, seconds = await self._redis.hmget(self._key(job_id), ["done", "abstentions", "seconds"])

@@ -41,7 +41,17 @@ def test_output_shape(arch: str, num_classes: int, input_shape: tuple[int, int, 
 
 
 def test_every_architecture_is_covered() -> None:
-    assert set(ARCHITECTURES) == {"fmnist_resnet", "cifar_resnet20", "cifar_resnet110", "resnet50"}
+    assert set(ARCHITECTURES) == {"fmnist_resnet", "fmnist_dncnn", "cifar_resnet20", "cifar_resnet110", "resnet50"}
+
+
+def test_denoiser_maps_images_to_images_and_starts_as_the_identity() -> None:
+    model = build_model("fmnist_dncnn", 10, (0.0,), (1.0,)).eval()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), x, atol=0, rtol=0)  # the last convolution starts at zero
+        nn.init.normal_(model[1].body[-2].weight, std=0.1)
+        out = model(x)
+    assert out.shape == x.shape and not torch.equal(out, x)
 
 
 @pytest.mark.parametrize("depth", [0, 2, 7, 9, 21, 111])

@@ -256,12 +256,29 @@ def test_invalid_manifest(saved: tuple[nn.Sequential, Path], text: str) -> None:
     assert_names(error, directory / MANIFEST_FILE)
 
 
-def test_manifest_rejects_non_positive_sigma(saved: tuple[nn.Sequential, Path]) -> None:
+def test_manifest_rejects_negative_sigma(saved: tuple[nn.Sequential, Path]) -> None:
     _, directory = saved
-    rewrite_manifest(directory, sigma=0.0)
+    rewrite_manifest(directory, sigma=-0.25)
     with pytest.raises(CheckpointError, match="sigma") as error:
         load_checkpoint(directory)
     assert_names(error, directory / MANIFEST_FILE)
+
+
+def test_a_classifier_trained_without_noise_loads_but_is_not_servable_alone(saved: tuple[nn.Sequential, Path]) -> None:
+    _, directory = saved
+    rewrite_manifest(directory, sigma=0.0)
+    _, manifest = load_checkpoint(directory)
+    assert manifest.sigma == 0 and not manifest.servable
+    rewrite_manifest(directory, sigma=0.0, kind="denoiser")
+    with pytest.raises(CheckpointError, match="sigma must be positive for a denoiser"):
+        load_checkpoint(directory)
+
+
+def test_a_classifier_manifest_with_parts_is_invalid(saved: tuple[nn.Sequential, Path]) -> None:
+    _, directory = saved
+    rewrite_manifest(directory, parts=[{"id": "x", "role": "member", "sha256": "0" * 64}])
+    with pytest.raises(CheckpointError, match="has no parts"):
+        load_checkpoint(directory)
 
 
 def test_manifest_that_is_a_folder(tmp_path: Path) -> None:

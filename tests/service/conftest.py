@@ -19,6 +19,7 @@ from tiny_model import TINY_BATCH, TINY_CLASSES, TINY_ID, TINY_SHAPE, TINY_SIGMA
 from models.architectures import build_model
 from models.checkpoint import save_checkpoint
 from models.registry import load_model
+from service.engine.pool import cpu_cores
 from service.settings import Settings
 from smoothing.tuning import prepare_for_inference
 
@@ -46,12 +47,17 @@ def tiny_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tuning_cache(tiny_registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tuning-cache file answering the tiny model's batch-size sweep with TINY_BATCH."""
+    """A tuning-cache file answering the tiny model's batch-size sweep with TINY_BATCH, at 1 and 2 threads
+    (plans are cached per thread count: one CPU executor with both cores, or two with one each)."""
     path = tmp_path_factory.mktemp("tuning") / "tuning.json"
     model, manifest = load_model(tiny_registry, TINY_ID)
-    prepare_for_inference(
-        model, manifest.input_shape, "cpu", cache_key=manifest.sha256, cache_file=path, candidates=(TINY_BATCH,)
-    )
+    threads = torch.get_num_threads()
+    for count in sorted({1, 2, cpu_cores()}):
+        torch.set_num_threads(count)
+        prepare_for_inference(
+            model, manifest.input_shape, "cpu", cache_key=manifest.sha256, cache_file=path, candidates=(TINY_BATCH,)
+        )
+    torch.set_num_threads(threads)
     return path
 
 
@@ -65,7 +71,7 @@ def make_settings(
         fields: dict[str, Any] = {
             "model_dir": tiny_registry,
             "models": [TINY_ID],
-            "device": "cpu",
+            "devices": "cpu",
             "tuning_cache": tuning_cache,
             "job_db": tmp_path_factory.mktemp("jobs") / "jobs.sqlite3",
             "redis_url": None,

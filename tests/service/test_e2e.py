@@ -52,7 +52,7 @@ def server(
         "CERTSERVE_MODEL_DIR": str(tiny_registry),
         "CERTSERVE_TUNING_CACHE": str(tuning_cache),
         "CERTSERVE_REDIS_URL": REDIS_URL,
-        "CERTSERVE_DEVICE": "cpu",
+        "CERTSERVE_DEVICES": "cpu",
         "CERTSERVE_PRECISION": "float32",
         "CERTSERVE_BATCH_DELAY_MS": "5",
     }

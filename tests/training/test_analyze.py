@@ -211,6 +211,29 @@ def test_rejects_predict_logs_and_wrong_label_counts(tmp_path: Path, capsys: pyt
     assert "2 labels for 1 logs" in capsys.readouterr().err
 
 
+def test_average_certified_radius_counts_wrong_and_abstained_as_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "results"
+    main([str(write_seconds_log(tmp_path / "a.tsv")), "--labels", "a", "--radii", *RADII, "--out-dir", str(out)])
+    markdown = (out / "certified_accuracy.md").read_text()
+    assert "## Average certified radius" in markdown
+    assert table_row(markdown, "a", "0.625") == ["a", "0.625"]  # (0.9+0.3+0.5+1.6+0.1+0.75+2.1) / 10
+
+
+def test_common_keeps_the_indices_every_log_holds(tmp_path: Path) -> None:
+    full = write_seconds_log(tmp_path / "full.tsv")
+    lines = full.read_text().splitlines()
+    short = tmp_path / "short.tsv"
+    short.write_text("\n".join(lines[:5]) + "\n")  # the first four examples: right, radii 0.9 0.3 0.5 1.6
+    out = tmp_path / "results"
+    main([str(full), str(short), "--labels", "full", "short", "--radii", *RADII, "--out-dir", str(out), "--common"])
+    markdown = (out / "certified_accuracy.md").read_text()
+    for label in ("full", "short"):
+        assert table_row(markdown, label, "approximate")[2:] == ["1.000", "1.000", "0.750", "0.250", "0.000"]
+        assert table_row(markdown, label, "0.825") == [label, "0.825"]
+
+
 def test_paper_logs_are_labelled_by_their_full_names_and_tables_go_beside_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

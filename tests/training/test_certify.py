@@ -116,6 +116,13 @@ def test_certify_log_rows(setup: tuple[Path, Path], tmp_path: Path, capsys: pyte
     assert "4 examples" in summary and "certified accuracy" in summary and "mean time" in summary
 
 
+def test_sigma_overrides_the_models_own(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    log = run("certify", setup, tmp_path / "x.tsv", "--skip", "4", "--sigma", "0.125", *FAST)
+    assert np.all(log["sigma"] == 0.125)
+    certified = log["predict"] != -1
+    assert np.all(log["radius"][certified] <= 0.125 * 3.2)  # σ·Φ⁻¹(p̲A) with p̲A < 1 - 1e-3 at n = 64
+
+
 def test_certify_stops_after_max_examples(setup: tuple[Path, Path], tmp_path: Path) -> None:
     log = run("certify", setup, tmp_path / "x.tsv", "--skip", "2", "--max", "3", *FAST)
     np.testing.assert_array_equal(log["idx"], [0, 2, 4])

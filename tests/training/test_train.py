@@ -8,6 +8,8 @@ import torch
 from idx_files import write_idx
 
 from models.checkpoint import load_checkpoint
+from models.composed import save_composed
+from models.registry import load_model
 from training import train as train_module
 
 
@@ -99,3 +101,97 @@ def test_resuming_with_another_recipe_is_refused(data: Path, tmp_path: Path) -> 
     other[other.index("--sigma") + 1] = "0.5"
     with pytest.raises(SystemExit, match="another recipe"):
         train_module.main(other)
+
+
+def test_consistency_loss_is_cross_entropy_for_one_copy_or_no_weights() -> None:
+    logits, labels = torch.randn(1, 8, 10), torch.randint(0, 10, (8,))
+    plain = torch.nn.functional.cross_entropy(logits[0], labels)
+    torch.testing.assert_close(train_module.consistency_loss(logits, labels, 10.0, 0.5), plain)
+    two = torch.randn(2, 8, 10)
+    mean_ce = (
+        torch.nn.functional.cross_entropy(two[0], labels) + torch.nn.functional.cross_entropy(two[1], labels)
+    ) / 2
+    torch.testing.assert_close(train_module.consistency_loss(two, labels, 0.0, 0.0), mean_ce)
+
+
+def test_consistency_loss_matches_jeong_and_shin() -> None:
+    logits, labels = torch.randn(3, 5, 4, dtype=torch.float64), torch.randint(0, 4, (5,))
+    p = logits.softmax(2)
+    mean_p = p.mean(0)
+    ce = sum(torch.nn.functional.cross_entropy(logits[i], labels) for i in range(3)) / 3
+    kl = sum((mean_p * (mean_p.log() - p[i].log())).sum(1) for i in range(3)) / 3
+    ent = -(mean_p * mean_p.log()).sum(1)
+    expected = ce + (10 * kl + 0.5 * ent).mean()
+    torch.testing.assert_close(train_module.consistency_loss(logits, labels, 10.0, 0.5), expected)
+    # Identical copies: the KL term vanishes and only cross-entropy and entropy are left.
+    same = logits[:1].expand(3, -1, -1)
+    ent_same = -(p[0] * p[0].log()).sum(1).mean()
+    ce_same = torch.nn.functional.cross_entropy(logits[0], labels)
+    torch.testing.assert_close(train_module.consistency_loss(same, labels, 10.0, 0.5), ce_same + 0.5 * ent_same)
+
+
+def test_fine_tuning_with_consistency_records_the_recipe_and_the_initial_checkpoint(data: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    train_module.main(args(data, base, tmp_path / "work-base"))
+    _, base_manifest = load_checkpoint(base)
+    tuned = tmp_path / "tuned"
+    extra = ["--noise-copies", "2", "--consistency", "10", "--entropy", "0.5", "--init", str(base)]
+    extra += ["--schedule", "cosine", "--lr", "0.01", "--epochs", "1"]
+    train_module.main(args(data, tuned, tmp_path / "work-tuned") + extra)
+    model, manifest = load_checkpoint(tuned)
+    recipe = manifest.training["recipe"]
+    assert (recipe["noise_copies"], recipe["consistency"], recipe["entropy"]) == (2, 10.0, 0.5)
+    assert recipe["init"] == str(base) and recipe["schedule"] == "cosine" and recipe["epochs"] == 1
+    assert manifest.training["init"] == {"path": str(base), "id": "base", "sha256": base_manifest.sha256}
+    assert "--consistency 10" in manifest.training["command"]
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_init_from_another_architecture_is_refused(data: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    train_module.main(args(data, base, tmp_path / "work-base"))
+    other = args(data, tmp_path / "m", tmp_path / "work-m")
+    other[other.index("--arch") + 1] = "cifar_resnet20"
+    with pytest.raises(SystemExit, match="--init"):
+        train_module.main([*other, "--init", str(base)])
+
+
+@pytest.mark.parametrize("objective", ["mse", "stability"])
+def test_a_denoiser_for_a_clean_classifier_composes_with_it(data: Path, tmp_path: Path, objective: str) -> None:
+    registry = tmp_path / "registry"
+    clean = args(data, registry / "clean", tmp_path / "work-clean")
+    clean[clean.index("--sigma") + 1] = "0"
+    train_module.main(clean)
+    _, clean_manifest = load_checkpoint(registry / "clean")
+    assert clean_manifest.sigma == 0 and not clean_manifest.servable
+
+    denoiser = args(data, registry / "dncnn", tmp_path / "work-dncnn")
+    denoiser[denoiser.index("--arch") + 1] = "fmnist_dncnn"
+    denoiser += ["--denoiser-for", str(registry / "clean"), "--objective", objective, "--optimizer", "adam"]
+    denoiser += ["--lr", "0.001", "--weight-decay", "0", "--schedule", "cosine"]
+    train_module.main(denoiser)
+    model, manifest = load_checkpoint(registry / "dncnn")
+    assert manifest.kind == "denoiser" and manifest.sigma == 0.25 and manifest.normalization.mean == [0.0]
+    assert manifest.training["classifier"] == {
+        "path": str(registry / "clean"),
+        "id": "clean",
+        "sha256": clean_manifest.sha256,
+    }
+    assert manifest.training["recipe"]["objective"] == objective
+    last = manifest.training["epochs"][-1]
+    assert last["denoised_mse"] >= 0 and abs(last["noisy_mse"] - 0.25**2) < 0.01
+    if objective == "mse":  # two epochs already denoise better than doing nothing
+        assert last["denoised_mse"] < last["noisy_mse"]
+    x = torch.rand(2, 1, 28, 28)
+    assert model(x).shape == x.shape
+
+    save_composed(registry, "denoised", "sequential", [("dncnn", "denoiser"), ("clean", "classifier")])
+    composed, composed_manifest = load_model(registry, "denoised")
+    assert composed_manifest.sigma == 0.25 and composed(x).shape == (2, 10)
+
+
+def test_a_denoiser_needs_an_architecture_that_outputs_images(data: Path, tmp_path: Path) -> None:
+    train_module.main(args(data, tmp_path / "clean", tmp_path / "work-clean"))
+    denoiser = args(data, tmp_path / "d", tmp_path / "work-d") + ["--denoiser-for", str(tmp_path / "clean")]
+    with pytest.raises(SystemExit, match="not a denoiser"):
+        train_module.main(denoiser)

@@ -371,11 +371,12 @@ def test_openapi_documents_both_bodies_and_the_radius_units(client: TestClient) 
 
 def test_readiness_fails_when_the_executor_is_gone(make_settings: Callable[..., Settings]) -> None:
     with TestClient(create_app(make_settings())) as fresh:
-        fresh.app.state.services.executor.stop()
+        fresh.app.state.services.pool.stop()
         response = fresh.get("/readyz")
         assert response.status_code == 503
-        assert response.json()["status"] == "not ready"
-        assert response.json()["checks"] == {"models_loaded": True, "executor_alive": False}
+        body = response.json()
+        assert (body["status"], body["checks"]) == ("not ready", {"models_loaded": True, "executor_alive": False})
+        assert [(d["name"], d["alive"]) for d in body["devices"]] == [("cpu", False)]
         assert fresh.get("/healthz").status_code == 200  # liveness does not depend on it
 
 

@@ -53,8 +53,15 @@ def binomial_sampler(p_a: float, rng: np.random.Generator) -> Callable[[SampleRe
     return sample
 
 
-def radius_cell(reference: dict, sigma: float, radius: float, bound: str, repeats: int, rng, **options) -> dict:
-    """Samples and agreement of the radius test at ``radius`` over every reference image, ``repeats`` runs each."""
+def radius_cell(
+    reference: dict, sigma: float, radius: float, bound: str, repeats: int, rng, n0: int = N0, **options
+) -> dict:
+    """Samples and agreement of the radius test at ``radius`` over every reference image, ``repeats`` runs each.
+
+    Selection is simulated too: ĉA is the larger of n0 binomial draws of class 0 (p_A) against class 1 (the
+    rest, lumped into one class: the logs hold no runner-up probability), so a small n0 picks class 1 on
+    near-ties; a decision agrees with fixed n only when it certifies class 0 exactly when fixed n certified.
+    """
     samples, agree = [], []
     for predict, fixed_radius, count_a, n in zip(
         reference["predict"], reference["radius"], reference["count_a"], reference["n"], strict=True
@@ -62,10 +69,10 @@ def radius_cell(reference: dict, sigma: float, radius: float, bound: str, repeat
         fixed = bool(predict >= 0 and fixed_radius >= radius)
         sampler = binomial_sampler(count_a / n, rng)
         for _ in range(repeats):
-            procedure = radius_test(radius=radius, sigma=sigma, alpha=ALPHA, n0=N0, bound=bound, **options)
+            procedure = radius_test(radius=radius, sigma=sigma, alpha=ALPHA, n0=n0, bound=bound, **options)
             decision = run(procedure, sampler)
             samples.append(decision.samples)
-            agree.append(decision.certified == fixed)
+            agree.append(decision.certified == fixed and decision.label in (None, 0))
     mean = float(np.mean(samples))
     return {
         "mean_samples": mean,

@@ -233,13 +233,26 @@ def sample_counts(
     """
     if num < 0 or batch_size < 1:
         raise ValueError(f"need num >= 0 and batch_size >= 1, got num={num}, batch_size={batch_size}")
-    device = model_device(model)
-    key = stream_key(seed, x)
-    x = x.to(device)
+    key, x = stream_key(seed, x), x.to(model_device(model))
+    return _count_stream(model, x, key, stage, start, start + num, sigma, num_classes, batch_size, channels_last)
+
+
+def _count_stream(
+    model: nn.Module,
+    x: torch.Tensor,
+    key: int,
+    stage: int,
+    start: int,
+    stop: int,
+    sigma: float,
+    num_classes: int,
+    batch_size: int,
+    channels_last: bool,
+) -> torch.Tensor:
+    """Counts of samples [start, stop) of stream (key, stage) around x (on the model's device), batch by batch."""
     counts = torch.zeros(num_classes, dtype=torch.long)
-    for lo in range(start, start + num, batch_size):
-        hi = min(lo + batch_size, start + num)
-        chunk = Chunk(x=x, sigma=sigma, key=key, stage=stage, start=lo, stop=hi)
+    for lo in range(start, stop, batch_size):
+        chunk = Chunk(x=x, sigma=sigma, key=key, stage=stage, start=lo, stop=min(lo + batch_size, stop))
         counts += count_chunks(model, [chunk], num_classes, channels_last)[0]
     return counts
 
@@ -277,20 +290,21 @@ def model_sampler(
     seed: int,
     channels_last: bool = False,
 ) -> Callable[[SampleRequest], torch.Tensor]:
-    """A sampler for ``run`` that counts ``model`` on x + N(0, σ²I) from the seeded noise streams."""
+    """A sampler for ``run`` that counts ``model`` on x + N(0, σ²I) from the seeded noise streams.
+
+    The stream key (a hash of the input) is computed once, not once per sample request: a sequential
+    procedure asks for dozens of chunks.
+    """
+    if batch_size < 1:
+        raise ValueError(f"need batch_size >= 1, got {batch_size}")
+    key = stream_key(seed, x)
+    x = x.to(model_device(model))
 
     def sample(request: SampleRequest) -> torch.Tensor:
-        return sample_counts(
-            model,
-            x,
-            request.stop - request.start,
-            sigma=sigma,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            seed=seed,
-            stage=request.stage,
-            start=request.start,
-            channels_last=channels_last,
+        if not 0 <= request.start <= request.stop:
+            raise ValueError(f"need 0 <= start <= stop, got {request}")
+        return _count_stream(
+            model, x, key, request.stage, request.start, request.stop, sigma, num_classes, batch_size, channels_last
         )
 
     return sample

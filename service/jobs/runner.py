@@ -105,10 +105,10 @@ async def until_stored(call: Callable[[], Awaitable[T]], what: str) -> T:
 
 
 def job_question(job: JobRecord, sigma: float) -> Question:
-    """The procedure every image of ``job`` runs (a fixed-mode target radius changes nothing)."""
-    mode = "fixed" if job.mode == "fixed" else "adaptive"
+    """The procedure every image of ``job`` runs: the Question it was created with (``create`` stores its
+    mode and tolerance; a fixed-mode target radius is stored for the rows' verdict and changes nothing)."""
     radius = job.radius if job.mode == "radius" else None
-    return api_question(mode, sigma=sigma, alpha=job.alpha, n0=job.n0, n=job.n, radius=radius, tolerance=job.tolerance)
+    return Question(job.mode, sigma, job.alpha, job.n, job.n0, radius=radius, tolerance=job.tolerance)
 
 
 async def _certify(engine: Engine, job: JobRecord, x: torch.Tensor, seed: int) -> tuple[Result, Timing]:

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.registry import DEFAULT_ROOT
 from service.engine.scheduler import DEFAULT_SHARES, Priority
+from smoothing.sequential import DEFAULT_DECISION_N0
 
 
 class Settings(BaseSettings):
@@ -90,6 +91,9 @@ class Settings(BaseSettings):
     # defaults of the API parameters
     default_predict_n: int = Field(1_000, gt=0)
     default_n0: int = Field(100, gt=0)
+    default_radius_n0: int = Field(
+        DEFAULT_DECISION_N0, gt=0, description="n0 of the radius decision (mode 'radius') when a request gives none"
+    )
     default_n: int = Field(100_000, gt=0)
     default_alpha: float = Field(0.001, gt=0, lt=0.5)
 
@@ -150,7 +154,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def defaults_within_limits(self) -> Settings:
         """Refuse at start-up defaults that every request without n would be blamed for (a 422 per request)."""
-        for name in ("default_predict_n", "default_n0", "default_n"):
+        for name in ("default_predict_n", "default_n0", "default_radius_n0", "default_n"):
             if getattr(self, name) > self.max_n:
                 raise ValueError(
                     f"CERTSERVE_{name.upper()} = {getattr(self, name)} is above CERTSERVE_MAX_N = {self.max_n}: "

@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from smoothing.confseq import DEFAULT_PRIOR_B
+from smoothing.confseq import DECISION_PRIORS, DEFAULT_PRIOR_B
 from smoothing.core import Certificate, Prediction, certify_procedure, predict_procedure
 from smoothing.looks import (
     CHECK_FRACTION,
@@ -47,6 +47,7 @@ PROCEDURE_CONSTANTS: dict[str, Any] = {
     "check_every": DEFAULT_CHECK_EVERY,
     "check_fraction": CHECK_FRACTION,
     "confseq_prior_b": DEFAULT_PRIOR_B,
+    "decision_priors": list(DECISION_PRIORS),
     "first_look": DEFAULT_FIRST_LOOK,
     "growth": DEFAULT_GROWTH,
     "fine_growth": FINE_GROWTH,

@@ -11,7 +11,7 @@ import contextlib
 import json
 import math
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -22,10 +22,11 @@ from starlette.datastructures import UploadFile
 
 from service.decoding import DecodeError, decode_array, decode_base64, decode_image
 from service.engine.models import LoadedModel
-from service.http.schemas import CommonParams
+from service.http.schemas import CertifyParams, CommonParams, JobParams
 from service.http.state import Services
 from service.messages import shown
 from service.settings import Settings
+from smoothing.procedures import Question, api_question
 
 MAX_FORM_FIELDS = 16
 INLINE_DECODE_BYTES = 16 * 1024  # e.g. a 28x28 PNG is under 1 KiB; a 224x224 JPEG is tens of KiB
@@ -116,6 +117,25 @@ async def read_input(request: Request, params: type[P], json_body: type[P]) -> t
         f"unsupported content type {shown(media_type) if media_type else '(none)'}: send multipart/form-data "
         "with the image in 'file', or application/json with image_base64 or array + shape",
     )
+
+
+def certify_question(params: CertifyParams | JobParams, sigma: float, settings: Settings) -> Question:
+    """The procedure a certify request (or a job's every image) asks for, the server's defaults filled in and
+    n0 and n bounded by CERTSERVE_MAX_N (422 beyond). The radius decision has its own default n0."""
+    n = bounded("n", params.n or settings.default_n, settings.max_n)
+    alpha = settings.default_alpha if params.alpha is None else params.alpha
+    question = api_question(
+        params.mode,
+        sigma=sigma,
+        alpha=alpha,
+        n0=params.n0 or settings.default_n0,
+        n=n,
+        radius=params.radius,
+        tolerance=params.tolerance,
+    )
+    if question.mode == "radius" and params.n0 is None:
+        question = replace(question, n0=settings.default_radius_n0)
+    return replace(question, n0=bounded("n0", question.n0, settings.max_n))
 
 
 def bounded(name: str, value: int, maximum: int) -> int:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from service.http.auth import Caller, require_key
-from service.http.inputs import bounded, media_type_of, read_form
+from service.http.inputs import certify_question, media_type_of, read_form
 from service.http.routes_smoothing import ERROR_RESPONSES, form_schema
 from service.http.schemas import ErrorResponse, JobCreated, JobParams
 from service.http.state import services
@@ -56,11 +56,9 @@ async def create_job(request: Request, caller: Caller) -> JSONResponse:
     if media_type_of(request) != "multipart/form-data":
         raise HTTPException(415, "send the image set as multipart/form-data in the field 'file'")
     params, filename, data = await read_form(request, JobParams)
-    n0 = bounded("n0", params.n0 or settings.default_n0, settings.max_n)
-    n = bounded("n", params.n or settings.default_n, settings.max_n)
-    alpha = settings.default_alpha if params.alpha is None else params.alpha
-    seed = new_seed() if params.seed is None else params.seed
     loaded = svc.engine.model(params.model or svc.default_model)
+    question = certify_question(params, loaded.manifest.sigma, settings)
+    seed = new_seed() if params.seed is None else params.seed
     parsed = await asyncio.to_thread(
         parse_upload,
         filename,
@@ -76,9 +74,9 @@ async def create_job(request: Request, caller: Caller) -> JSONResponse:
             caller,
             parsed,
             loaded.manifest.id,
-            n0,
-            n,
-            alpha,
+            question.n0,
+            question.n,
+            question.alpha,
             seed,
             mode=params.mode,
             radius=params.radius,

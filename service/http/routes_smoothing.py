@@ -25,7 +25,7 @@ from service.engine.engine import Timing
 from service.engine.models import LoadedModel
 from service.engine.scheduler import Priority
 from service.http.auth import require_key
-from service.http.inputs import bounded, prepare, read_input
+from service.http.inputs import bounded, certify_question, prepare, read_input
 from service.http.schemas import (
     GUARANTEE,
     RADIUS_UNITS,
@@ -41,7 +41,7 @@ from service.http.schemas import (
 )
 from service.http.state import Services, services
 from service.signing import SIGNATURE_SCHEME, key_id, public_key_pem, sign
-from smoothing.procedures import PROCEDURE_VERSION, Question, api_question, certificate_summary
+from smoothing.procedures import PROCEDURE_VERSION, Question, certificate_summary
 from smoothing.sampling import input_digest, new_seed
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -223,14 +223,8 @@ async def certify_input(
     svc: Services, loaded: LoadedModel, x: torch.Tensor, params: CertifyParams, started: float
 ) -> CertifyResponse:
     """CERTIFY on a decoded input (C, H, W) in [0, 1], cache and signature included, for /v1 and /v2 alike."""
-    settings = svc.settings
-    n0 = bounded("n0", params.n0 or settings.default_n0, settings.max_n)
-    n = bounded("n", params.n or settings.default_n, settings.max_n)
-    alpha = settings.default_alpha if params.alpha is None else params.alpha
     manifest = loaded.manifest
-    question = api_question(
-        params.mode, sigma=manifest.sigma, alpha=alpha, n0=n0, n=n, radius=params.radius, tolerance=params.tolerance
-    )
+    question = certify_question(params, manifest.sigma, svc.settings)
     seed, seed_source = seed_of(params)
     # Only answers from server randomness are shared: a client's seed neither reads nor writes the cache.
     shared = seed_source == "server"

@@ -75,7 +75,10 @@ class PredictParams(CommonParams):
 
 class CertifyParams(CommonParams):
     n0: int | None = Field(
-        None, ge=1, description="selection samples; default 100 (CERTSERVE_DEFAULT_N0), at most CERTSERVE_MAX_N"
+        None,
+        ge=1,
+        description="selection samples; default 100 (CERTSERVE_DEFAULT_N0), in mode 'radius' 16 "
+        "(CERTSERVE_DEFAULT_RADIUS_N0); at most CERTSERVE_MAX_N",
     )
     n: int | None = Field(
         None,
@@ -265,7 +268,11 @@ class JobParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="model id; default: the first loaded model")
-    n0: int | None = Field(None, ge=1, description="selection samples per image; default 100, at most CERTSERVE_MAX_N")
+    n0: int | None = Field(
+        None,
+        ge=1,
+        description="selection samples per image; default 100 (16 in mode 'radius'), at most CERTSERVE_MAX_N",
+    )
     n: int | None = Field(
         None, ge=1, description="estimation samples per image; default 100,000, at most CERTSERVE_MAX_N"
     )

@@ -10,7 +10,7 @@ import pytest
 from scipy.integrate import quad
 from scipy.stats import norm
 
-from smoothing.confseq import log_mixture, lower_confidence_sequence, rejects
+from smoothing.confseq import DECISION_PRIORS, log_mixture, log_mixture_of_priors, lower_confidence_sequence, rejects
 from smoothing.statistics import lower_confidence_bound
 
 
@@ -30,13 +30,14 @@ def test_closed_form_is_the_mixture_integral(k: int, n: int, p0: float, prior_b:
 
 @pytest.mark.parametrize(("k", "n"), [(1, 1), (7, 10), (95, 100), (100, 100), (9_850, 10_000), (100_000, 100_000)])
 @pytest.mark.parametrize("alpha", [0.001, 0.05])
-def test_lower_bound_is_where_the_rejected_region_ends(k: int, n: int, alpha: float) -> None:
-    lower = lower_confidence_sequence(k, n, alpha)
+@pytest.mark.parametrize("priors", [(0.1,), DECISION_PRIORS])
+def test_lower_bound_is_where_the_rejected_region_ends(k: int, n: int, alpha: float, priors) -> None:
+    lower = lower_confidence_sequence(k, n, alpha, priors)
     assert 0.0 <= lower <= k / (n + 1)
     if lower > 0:  # everything below the bound is rejected, the bound itself (just above) is not
         for p0 in np.linspace(1e-6, lower, 50)[:-1]:
-            assert rejects(k, n, float(p0), alpha)
-        assert log_mixture(k, n, lower) == pytest.approx(-math.log(alpha), abs=1e-6)
+            assert rejects(k, n, float(p0), alpha, priors)
+        assert log_mixture_of_priors(k, n, lower, priors) == pytest.approx(-math.log(alpha), abs=1e-6)
     # Anytime validity costs width: never tighter than the fixed-n bound on the same counts.
     assert lower <= lower_confidence_bound(k, n, alpha)
 
@@ -49,3 +50,23 @@ def test_unanimous_samples_reach_nearly_the_fixed_n_bound() -> None:
     union = sigma * norm.ppf((alpha / 11) ** (1 / n))
     sequence = sigma * norm.ppf(lower_confidence_sequence(n, n, alpha))
     assert union < sequence < fixed and fixed - sequence < 0.01
+
+
+@pytest.mark.parametrize(("k", "n", "p0"), [(90, 100, 0.8), (100, 100, 0.95), (990, 1000, 0.98)])
+def test_decision_mixture_is_the_average_of_its_priors(k: int, n: int, p0: float) -> None:
+    average = sum(math.exp(mixture_by_quadrature(k, n, p0, b)) for b in DECISION_PRIORS) / len(DECISION_PRIORS)
+    assert log_mixture_of_priors(k, n, p0, DECISION_PRIORS) == pytest.approx(math.log(average), abs=1e-8)
+
+
+def test_decision_mixture_needs_fewer_samples_just_above_the_threshold() -> None:
+    # p̂ 0.3 points above p0 = Φ(0.5 / 0.25): b = 0.1 alone has not rejected by n = 50,000, the mixture with b = 1
+    # has; on unanimous samples it needs at most a few more than b = 0.1 alone (log 2 of evidence: 335 vs 311).
+    p0, alpha = float(norm.cdf(2.0)), 0.001
+    n = 50_000
+    k = round((p0 + 0.003) * n)
+    assert rejects(k, n, p0, alpha, DECISION_PRIORS) and not rejects(k, n, p0, alpha, priors=(0.1,))
+
+    def unanimous_needs(priors: tuple[float, ...]) -> int:
+        return next(m for m in range(1, 10_000) if rejects(m, m, p0, alpha, priors))
+
+    assert unanimous_needs((0.1,)) <= unanimous_needs(DECISION_PRIORS) <= unanimous_needs((0.1,)) + 40

@@ -10,9 +10,10 @@ import pytest
 import torch
 from scipy.stats import binom, norm
 
-from smoothing.confseq import lower_confidence_sequence
+from smoothing import confseq
 from smoothing.looks import BOUNDS, chunk_schedule, evidence, look_schedule, max_certifiable_radius
 from smoothing.sequential import (
+    DEFAULT_DECISION_N0,
     SampleRequest,
     adaptive_certify,
     certify_adaptive,
@@ -50,11 +51,11 @@ def test_look_schedule_is_geometric_and_ends_at_n_max() -> None:
 
 def test_chunk_schedule_doubles_then_steps_then_grows_by_a_sixteenth() -> None:
     chunks = chunk_schedule(100_000)
-    assert chunks[:5] == (32, 64, 128, 256, 384) and chunks[-1] == 100_000
+    assert chunks[:7] == (8, 16, 32, 64, 128, 256, 384) and chunks[-1] == 100_000
     sizes, steps = np.array(chunks[:-1]), np.diff(chunks)
-    assert np.all(steps[2:-1] >= 128) and np.all(steps[:-1] <= np.maximum(128, sizes[:-1] / 16 + 1))
+    assert np.all(steps[4:-1] >= 128) and np.all(steps[:-1] <= np.maximum(128, sizes[:-1] / 16 + 1))
     assert len(chunks) < 100  # trips through the scheduler per request
-    assert chunk_schedule(50) == (32, 50)
+    assert chunk_schedule(50) == (8, 16, 32, 50)
 
 
 def test_bounds_reject_bad_arguments() -> None:
@@ -189,7 +190,8 @@ def test_radius_test_stops_early_for_futility_without_certifying() -> None:
 
 @pytest.mark.parametrize("bound", BOUNDS)
 def test_infeasible_radius_is_answered_without_samples(bound: str) -> None:
-    ceiling = max_certifiable_radius(100_000, 0.001, SIGMA, bound)
+    # The radius decision's ceiling comes from its own test (the confidence sequence with the decision's priors).
+    ceiling = max_certifiable_radius(100_000, 0.001, SIGMA, bound, priors=confseq.DECISION_PRIORS)
     if bound == "union":
         assert ceiling == pytest.approx(SIGMA * norm.ppf((0.001 / 11) ** (1 / 100_000)))
     # Fixed n's ceiling σ·Φ⁻¹(α^(1/n)) is an upper limit for every bound.
@@ -253,13 +255,14 @@ def test_library_wrappers_sample_through_a_model_and_count_samples() -> None:
     common = dict(sigma=SIGMA, num_classes=3, alpha=0.001, batch_size=64, seed=0)
     # All samples agree, so p̲A = (α/K)^(1/n) with K = 11 looks: below Φ(2) = 0.97725 at 100, 200 and 400
     # samples (0.9768 at 400), above at 800.
-    decision = certify_radius(model, x, radius=1.0, bound="union", **common)
+    decision = certify_radius(model, x, radius=1.0, bound="union", n0=100, **common)
     assert decision.certified and decision.label == 2 and decision.samples == 100 + 800 and decision.looks == 4
-    # The confidence sequence, asked after every chunk (32, 64, 128, 256, 384, …), certifies at the first chunk
-    # whose mixture exceeds 1/α.
+    # The confidence sequence, asked after every chunk (8, 16, 32, …, 256, 384, …), certifies at the first chunk
+    # whose mixture (the decision's two priors) exceeds 1/α; n0 is the decision's default.
     decision = certify_radius(model, x, radius=1.0, bound="confseq", **common)
-    first = next(n for n in chunk_schedule(100_000) if lower_confidence_sequence(n, n, 0.001) > norm.cdf(2.0))
-    assert decision.certified and decision.label == 2 and decision.samples == 100 + first < 100 + 800
+    threshold = float(norm.cdf(2.0))
+    first = next(n for n in chunk_schedule(100_000) if confseq.rejects(n, n, threshold, 0.001, confseq.DECISION_PRIORS))
+    assert decision.certified and decision.label == 2 and decision.samples == DEFAULT_DECISION_N0 + first < 100 + 800
     for bound in BOUNDS:
         adaptive = certify_adaptive(model, x, n_max=1000, tolerance=0.0, bound=bound, **common)
         # All samples agree: the radius is the n_max ceiling of the bound, reached at the last look.

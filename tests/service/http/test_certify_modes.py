@@ -18,7 +18,7 @@ from tiny_model import TINY_CLASSES, TINY_ID, TINY_SIGMA
 
 from service.http.app import create_app
 from service.settings import Settings
-from smoothing.sequential import adaptive_certify, model_sampler, radius_test, run
+from smoothing.sequential import DEFAULT_DECISION_N0, adaptive_certify, model_sampler, radius_test, run
 
 ALPHA = 0.01
 GRAY = np.full((28, 28), 128, dtype=np.uint8)  # the tiny model gives class 0 to ≈ 80 % of noisy copies
@@ -73,8 +73,10 @@ def test_adaptive_certificate_matches_the_library_and_stops_early(client: TestCl
 def test_radius_decision_certifies_small_radii_quickly_and_refuses_large_ones(client: TestClient) -> None:
     small = certify(client, mode="adaptive", radius=0.05, n=20_000, seed=4)
     library = run(
-        radius_test(radius=0.05, sigma=TINY_SIGMA, alpha=ALPHA, n0=100, n_max=20_000), library_sampler(client, 4)
+        radius_test(radius=0.05, sigma=TINY_SIGMA, alpha=ALPHA, n0=DEFAULT_DECISION_N0, n_max=20_000),
+        library_sampler(client, 4),
     )
+    assert small["n0"] == DEFAULT_DECISION_N0  # the radius decision's own default selection size
     assert small["certified_at_radius"] is library.certified is True
     assert small["samples"] == library.samples < 2_000
     assert small["label"] == 0 and small["radius"] >= 0.05 and small["target_radius"] == 0.05

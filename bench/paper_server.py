@@ -60,6 +60,7 @@ def create_paper_app(model_dir: Path, model_id: str, device: torch.device) -> Fa
         on_compute_thread(torch.set_flush_denormal, False)
         log.info("paper loop serving %s on %s", model_id, device)
         yield
+        on_compute_thread(torch.set_flush_denormal, True)  # the benchmark's setting everywhere else
 
     app = FastAPI(title="paper loop (FIFO)", lifespan=lifespan)
 

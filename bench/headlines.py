@@ -54,7 +54,7 @@ def headlines(results: dict[str, Any]) -> list[dict[str, Any]]:
             )
         )
         rows.append(
-            headline("mixed load: paper loop ÷ service, predict p99", mixed["predict_p99_speedup"], "—", None, "×")
+            headline("mixed load: paper server ÷ service, predict p99", mixed["predict_p99_speedup"], "—", None, "×")
         )
     latency = results.get("latency")
     if latency:

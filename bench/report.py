@@ -325,8 +325,9 @@ def cache_section(r: dict[str, Any]) -> list[str]:
             ]
         )
     return [
-        "One image certified once (n = "
-        f"{num(r['settings']['cache_n'])}), then again with new seeds; latency of the repeats at the client.",
+        "One image certified once from server randomness (n = "
+        f"{num(r['settings']['cache_n'])}), then asked for again and again; latency of the repeats at the client, "
+        "sent one after another on one connection of their own (`bench.loadgen`).",
         "",
     ] + table(["cache", "repeats", "p50 ms", "p99 ms", "not cached"], rows)
 

@@ -117,6 +117,7 @@ def test_latency_mixed_load_and_cache(quick_run: tuple[dict, str]) -> None:
         assert run["certify_latency"]["count"] == len(QUICK.mixed_certify_ns)
         assert run["samples"] == mixed["load"]["samples"] and run["errors"] == {}
     assert positive(mixed["throughput_speedup"]) and positive(mixed["attainable_speedup"])
+    assert len(mixed["limit_samples_per_s"]) == len(mixed["paper_loop_samples_per_s"]) == QUICK.mixed_rounds + 1
     assert mixed["fraction_of_attainable"] == mixed["throughput_speedup"] / mixed["attainable_speedup"]
     cost = results["client_cost"]
     assert positive(cost["loadgen_cpu_ms_per_request"]) and positive(cost["httpx_cpu_ms_per_request"])

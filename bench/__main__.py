@@ -8,28 +8,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bench.baseline import compare_with_paper_loop
 from bench.cache import flush_redis, redis_reachable, repeated_certify
-from bench.client import new_client
+from bench.client import image_body, new_client
 from bench.compute_thread import on_compute_thread, start_compute_thread
 from bench.config import FULL, QUICK, BenchConfig
 from bench.headlines import headlines
-from bench.inputs import test_set_images
+from bench.inputs import random_pixels, test_set_images
 from bench.latency import measure_latency
 from bench.library import measure_library
 from bench.limit import Limit, measure_limit
+from bench.loadgen import client_cpu_cost
 from bench.machine import describe_machine, device_slug
 from bench.report import write_report
-from bench.server import REPO_ROOT, Server, start_server, stop_server
+from bench.server import REPO_ROOT, Server, start_paper_server, start_server, stop_server
 from bench.service_load import measure_service
 from models.registry import DEFAULT_ROOT, find_checkpoint, read_registry_manifest
 from service.engine.models import pick_device
@@ -70,8 +74,11 @@ def timed(results: dict[str, Any], part: str, started: float) -> None:
     log.info("%s done in %.1f s", part, time.perf_counter() - started)
 
 
-async def service_parts(server: Server, limit: Limit, config: BenchConfig, seed: int) -> dict[str, Any]:
-    """Everything measured against the service without Redis (in-process LRU cache)."""
+async def service_parts(
+    server: Server, limit: Limit, config: BenchConfig, seed: int, start_paper: Callable[[], Server]
+) -> dict[str, Any]:
+    """Everything measured against the service without Redis (in-process LRU cache); the mixed load also against
+    the paper's loop behind HTTP (``start_paper`` starts it), and the load generators' CPU cost on that server."""
     results: dict[str, Any] = {}
     async with new_client(server.url) as client:
         started = time.perf_counter()
@@ -114,9 +121,12 @@ async def service_parts(server: Server, limit: Limit, config: BenchConfig, seed:
         )
         timed(results, "latency", started)
 
-        started = time.perf_counter()
+    started = time.perf_counter()
+    paper = start_paper()
+    try:
         results["mixed_load"] = await compare_with_paper_loop(
-            client,
+            server.url,
+            paper.url,
             limit,
             predicts=config.mixed_predicts,
             predict_n=config.predict_n,
@@ -126,36 +136,55 @@ async def service_parts(server: Server, limit: Limit, config: BenchConfig, seed:
             rounds=config.mixed_rounds,
             alpha=config.alpha,
             seed=seed + 3,
+            limit_seconds=config.limit_seconds,
         )
         timed(results, "mixed_load", started)
-
         started = time.perf_counter()
-        results["cache"] = {
-            "in_process": await repeated_certify(
-                client,
-                limit.manifest,
-                hits=config.cache_hits,
-                n0=config.n0,
-                n=config.cache_n,
-                alpha=config.alpha,
-                seed=seed + 4,
-            )
-        }
-        timed(results, "cache_in_process", started)
-    return results
+        body = image_body(
+            random_pixels(np.random.default_rng(seed + 6), limit.manifest.input_shape),
+            limit.manifest.id,
+            0,
+            n=config.predict_n,
+            alpha=config.alpha,
+        )
+        results["client_cost"] = await client_cpu_cost(
+            paper.url,
+            "/noop",
+            body,
+            count=config.client_cost_requests,
+            concurrency=config.client_cost_concurrency,
+            rounds=config.client_cost_rounds,
+        )
+        timed(results, "client_cost", started)
+    finally:
+        stop_server(paper)
 
-
-async def redis_cache_part(server: Server, limit: Limit, config: BenchConfig, seed: int) -> dict[str, Any]:
-    async with new_client(server.url) as client:
-        return await repeated_certify(
-            client,
+    started = time.perf_counter()
+    results["cache"] = {
+        "in_process": await repeated_certify(
+            server.url,
             limit.manifest,
             hits=config.cache_hits,
             n0=config.n0,
             n=config.cache_n,
             alpha=config.alpha,
-            seed=seed + 5,
+            seed=seed + 4,
         )
+    }
+    timed(results, "cache_in_process", started)
+    return results
+
+
+async def redis_cache_part(server: Server, limit: Limit, config: BenchConfig, seed: int) -> dict[str, Any]:
+    return await repeated_certify(
+        server.url,
+        limit.manifest,
+        hits=config.cache_hits,
+        n0=config.n0,
+        n=config.cache_n,
+        alpha=config.alpha,
+        seed=seed + 5,
+    )
 
 
 def add_float32_fractions(results: dict[str, Any]) -> None:
@@ -172,7 +201,7 @@ def add_float32_fractions(results: dict[str, Any]) -> None:
 def run(args: argparse.Namespace, config: BenchConfig, device: torch.device, workdir: Path) -> dict[str, Any]:
     manifest = read_registry_manifest(find_checkpoint(args.model_dir, args.model))
     results: dict[str, Any] = {
-        "schema": 1,
+        "schema": 2,  # 2: the mixed load against the paper server; cache p99s as headlines
         "quick": config.quick,
         "machine": {**describe_machine(device), "torch_threads": on_compute_thread(torch.get_num_threads)},
         "model": {
@@ -233,7 +262,15 @@ def run(args: argparse.Namespace, config: BenchConfig, device: torch.device, wor
     )
     server = start_server(**server_args)
     try:
-        results.update(asyncio.run(service_parts(server, limit, config, args.seed)))
+        start_paper = functools.partial(
+            start_paper_server,
+            model_dir=args.model_dir,
+            model_id=args.model,
+            device=device,
+            workdir=workdir,
+            timeout_s=config.server_start_timeout_s,
+        )
+        results.update(asyncio.run(service_parts(server, limit, config, args.seed, start_paper)))
     finally:
         stop_server(server)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
 import torch
@@ -39,3 +39,9 @@ def on_compute_thread(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> 
     if threading.current_thread().name.startswith(THREAD_NAME):
         return fn(*args, **kwargs)
     return _executor.submit(fn, *args, **kwargs).result()
+
+
+def submit_to_compute_thread(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+    """Queue ``fn(*args, **kwargs)`` on the compute thread without waiting: calls run one at a time, in the
+    order they were submitted (first in, first out)."""
+    return _executor.submit(fn, *args, **kwargs)

@@ -37,6 +37,9 @@ class BenchConfig:
     mixed_rounds: int  # the mixed load is served this many times by each side; the median round counts
     mixed_arrival_span_s: float  # every request of the mixed load arrives within this many seconds (shorter than
     # either side needs to serve it, so that throughput is measured, not the arrival rate)
+    client_cost_requests: int  # requests per round of the load generators' CPU-cost comparison
+    client_cost_concurrency: int  # connections (requests in flight) of that comparison
+    client_cost_rounds: int  # alternating rounds (load generator, httpx); the medians count
     cache_hits: int  # repeated certifications of one input, answered from the cache
     cache_n: int  # n of the certification that fills the cache
     server_start_timeout_s: float
@@ -73,6 +76,9 @@ FULL = BenchConfig(
     mixed_certify_ns=(10_000, 20_000, 50_000),
     mixed_rounds=3,
     mixed_arrival_span_s=0.5,
+    client_cost_requests=2_000,
+    client_cost_concurrency=16,
+    client_cost_rounds=3,
     cache_hits=300,
     cache_n=10_000,
     server_start_timeout_s=180.0,
@@ -106,6 +112,9 @@ QUICK = BenchConfig(
     mixed_certify_ns=(1_000, 2_000),
     mixed_rounds=1,
     mixed_arrival_span_s=0.3,
+    client_cost_requests=64,
+    client_cost_concurrency=4,
+    client_cost_rounds=1,
     cache_hits=20,
     cache_n=200,
     server_start_timeout_s=120.0,

@@ -7,9 +7,9 @@ from typing import Any
 LIBRARY_TARGET = 0.95  # library CERTIFY samples/s over L
 SERVICE_TARGET = 0.90  # service samples/s over L, at K >= SERVICE_TARGET_FROM_K clients
 SERVICE_TARGET_FROM_K = 4
-SPEEDUP_TARGET = 3.0  # service over the paper's loop, total throughput of the mixed load
+ATTAINABLE_TARGET = 0.8  # mixed load: (service ÷ paper server) over the attainable speed-up (L ÷ paper loop)
 LATENCY_RATIO_TARGET = 3.0  # predict p99 under saturation over idle p99
-CACHE_P99_TARGET_MS = 5.0  # p99 of a certification answered from Redis
+CACHE_P99_TARGET_MS = 2.0  # p99 of a certification answered from a cache (in-process or Redis)
 
 
 def headline(name: str, value: float | None, target: str, met: bool | None, unit: str = "") -> dict[str, Any]:
@@ -39,16 +39,22 @@ def headlines(results: dict[str, Any]) -> list[dict[str, Any]]:
     mixed = results.get("mixed_load")
     if mixed:
         rows.append(
+            headline("mixed load: service ÷ paper server, total samples/s", mixed["throughput_speedup"], "—", None, "×")
+        )
+        rows.append(
+            headline("mixed load: attainable speed-up, L ÷ paper loop", mixed["attainable_speedup"], "—", None, "×")
+        )
+        fraction = mixed["fraction_of_attainable"]
+        rows.append(
             headline(
-                "mixed load: service ÷ paper loop, total samples/s",
-                mixed["throughput_speedup"],
-                f"≥ {SPEEDUP_TARGET:g}",
-                mixed["throughput_speedup"] >= SPEEDUP_TARGET,
-                "×",
+                "mixed load: speed-up ÷ attainable",
+                fraction,
+                f"≥ {ATTAINABLE_TARGET:g}",
+                fraction >= ATTAINABLE_TARGET,
             )
         )
         rows.append(
-            headline("mixed load: paper loop ÷ service, predict p99", mixed["predict_p99_speedup"], "—", None, "×")
+            headline("mixed load: paper server ÷ service, predict p99", mixed["predict_p99_speedup"], "—", None, "×")
         )
     latency = results.get("latency")
     if latency:
@@ -58,12 +64,11 @@ def headlines(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "predict p99 saturated ÷ idle", ratio, f"≤ {LATENCY_RATIO_TARGET:g}", ratio <= LATENCY_RATIO_TARGET, "×"
             )
         )
-    cache = results.get("cache", {}).get("redis")
-    if cache is not None:
+    for name, cache in results.get("cache", {}).items():
         p99 = cache.get("repeats", {}).get("p99_ms")
         rows.append(
             headline(
-                "certify answered from Redis, p99",
+                f"certify answered from the {'in-process' if name == 'in_process' else name} cache, p99",
                 p99,
                 f"≤ {CACHE_P99_TARGET_MS:g} ms",
                 None if p99 is None else p99 <= CACHE_P99_TARGET_MS,

@@ -1,4 +1,5 @@
-"""The real service as a subprocess: ``python -m service`` configured through CERTSERVE_* variables."""
+"""The servers as subprocesses: ``python -m service`` configured through CERTSERVE_* variables, and the paper's
+loop behind HTTP (``python -m bench.paper_server``)."""
 
 from __future__ import annotations
 
@@ -101,28 +102,40 @@ def start_server(
         redis_url=redis_url,
         precision=precision,
     )
+    return launch([sys.executable, "-m", "service"], env, log_path, port, "/readyz", timeout_s)
+
+
+def start_paper_server(
+    *, model_dir: Path, model_id: str, device: torch.device, workdir: Path, timeout_s: float = 120.0
+) -> Server:
+    """Start the paper's loop behind HTTP (``python -m bench.paper_server``) and wait until it answers /healthz."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CERTSERVE_")}
+    argv = [sys.executable, "-m", "bench.paper_server", "--model-dir", str(model_dir), "--model", model_id]
+    argv += ["--device", str(device), "--port", str(port)]
+    return launch(argv, env, workdir / f"paper-server-{port}.log", port, "/healthz", timeout_s)
+
+
+def launch(argv: list[str], env: dict[str, str], log_path: Path, port: int, ready: str, timeout_s: float) -> Server:
+    """Run ``argv`` and wait until GET ``ready`` answers 200 on ``port``; RuntimeError with its log's tail if not."""
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
         )
     server = Server(process, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the service exited with {process.returncode}:\n{log_tail(log_path)}")
+            raise RuntimeError(f"{argv[2]} exited with {process.returncode}:\n{log_tail(log_path)}")
         try:
-            if httpx.get(server.url + "/readyz", timeout=2.0, trust_env=False).status_code == 200:
+            if httpx.get(server.url + ready, timeout=2.0, trust_env=False).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass  # not listening yet
         time.sleep(0.2)
     stop_server(server)
-    raise RuntimeError(f"the service was not ready within {timeout_s:g} s:\n{log_tail(log_path)}")
+    raise RuntimeError(f"{argv[2]} was not ready within {timeout_s:g} s:\n{log_tail(log_path)}")
 
 
 def stop_server(server: Server, timeout_s: float = 15.0) -> int | None:

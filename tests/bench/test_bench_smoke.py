@@ -112,11 +112,15 @@ def test_latency_mixed_load_and_cache(quick_run: tuple[dict, str]) -> None:
     assert [p["clients"] for p in latency["sweep"]] == list(QUICK.sweep_concurrency)
     assert latency["knee_clients"] in QUICK.sweep_concurrency
     mixed = results["mixed_load"]
-    for run in (mixed["paper_loop"], mixed["service"]):
+    for run in (mixed["paper_server"], mixed["service"]):
         assert run["predict_latency"]["count"] == QUICK.mixed_predicts
         assert run["certify_latency"]["count"] == len(QUICK.mixed_certify_ns)
-        assert run["samples"] == mixed["load"]["samples"]
-    assert positive(mixed["throughput_speedup"])
+        assert run["samples"] == mixed["load"]["samples"] and run["errors"] == {}
+    assert positive(mixed["throughput_speedup"]) and positive(mixed["attainable_speedup"])
+    assert len(mixed["limit_samples_per_s"]) == len(mixed["paper_loop_samples_per_s"]) == QUICK.mixed_rounds + 1
+    assert mixed["fraction_of_attainable"] == mixed["throughput_speedup"] / mixed["attainable_speedup"]
+    cost = results["client_cost"]
+    assert positive(cost["loadgen_cpu_ms_per_request"]) and positive(cost["httpx_cpu_ms_per_request"])
     in_process = results["cache"]["in_process"]
     assert in_process["first_request_cached"] is False and in_process["repeats_not_cached"] == 0
     redis_part = results["cache"]["redis"]

@@ -3,6 +3,9 @@
 On a 2-core CPU a small CNN ran ~3x faster at batch 32 than at the paper's 1,000, and
 channels-last was up to 2x faster; neither is predictable from first principles, so
 ``prepare_for_inference`` measures a short sweep and caches the answer per (model, device).
+A cached plan is a starting point: re-validated at the next start (``revalidate``), and its batch
+size refined while the service serves (service.engine.refine), which ``store_batch_size`` writes
+back to the cache. Precision is chosen (and its plan re-validated) at start only.
 """
 
 from __future__ import annotations

@@ -95,6 +95,7 @@ class InferencePlan:
     precision: str = "float32"  # "float32", or the autocast dtype the model runs under
     interactive_batch_size: int = 0  # the smallest near the fastest (pick_batch); 0 = batch_size
     plan_key: str = ""  # what the plan is cached under (in memory and in the cache file); "" = not cached
+    pinned: bool = False  # swept over one size only: neither re-validated at start nor refined while serving
 
     def __post_init__(self) -> None:
         if not self.interactive_batch_size:
@@ -366,7 +367,7 @@ def prepare_for_inference(
     if key and settings is None and cache_file is not None and cache_file.exists():
         settings = json.loads(cache_file.read_text()).get(key)
         # From another start, perhaps on a busier machine: re-validated, unless it was swept over one size only.
-        if settings is not None and len(settings.get("sweep", candidates)) > 1 and len(candidates) > 1:
+        if settings is not None and not _pinned(settings, candidates):
             settings = revalidate(model, input_shape, device, settings, candidates, clock)
     if settings is None:
         settings = _sweep(model, input_shape, device, candidates, precision, clock)
@@ -386,7 +387,13 @@ def prepare_for_inference(
         precision=precision,
         interactive_batch_size=int(settings.get("interactive_batch_size", 0)),
         plan_key=key or "",
+        pinned=_pinned(settings, candidates),
     )
+
+
+def _pinned(settings: dict[str, object], candidates: tuple[int, ...]) -> bool:
+    """Whether a plan's batch size is fixed: swept over one size only, or asked for with one candidate."""
+    return len(settings.get("sweep", candidates)) <= 1 or len(candidates) <= 1
 
 
 def _write_cache(cache_file: Path, key: str, settings: dict[str, object]) -> None:

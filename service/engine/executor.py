@@ -65,8 +65,9 @@ class Executor:
         refiner: Callable[[LoadedModel], BatchRefiner] | None = None,
         on_refine: Callable[[str, int, float], None] | None = None,
     ) -> None:
-        """``refiner``: makes each model's BatchRefiner (None = the plans' batch sizes, fixed). ``on_refine``:
-        called on the executor's thread with (model id, new batch size, samples/s) when refinement moves one."""
+        """``refiner``: makes each model's BatchRefiner (None = the plans' batch sizes, fixed; a pinned plan's
+        always is). ``on_refine``: called on the executor's thread with (model id, new batch size, samples/s)
+        when refinement moves one."""
         self.scheduler = scheduler
         self.models = models
         self.name = name
@@ -75,7 +76,9 @@ class Executor:
         self.on_failure = on_failure  # metrics hook: (batch, error) of a forward pass that raised
         self.threads = threads or torch.get_num_threads()  # intra-op threads of the forward passes
         self.peers_alive = peers_alive  # whether another executor of the pool can take over its work
-        self.refiners = {model_id: refiner(loaded) for model_id, loaded in models.items()} if refiner else {}
+        # A plan pinned to one batch size (smoothing.tuning) is not refined, as it is not re-validated at start.
+        refined = {} if refiner is None else {m: loaded for m, loaded in models.items() if not loaded.plan.pinned}
+        self.refiners = {model_id: refiner(loaded) for model_id, loaded in refined.items()}
         self.on_refine = on_refine
         self._asked: tuple[str, int, bool] | None = None  # (model, size, interactive) of the last size handed out
         self.consecutive_failures = 0

@@ -3,8 +3,8 @@
 The model is ``fmnist_resnet`` with fixed random weights: its answers mean nothing, but every
 code path (decoding, batching, counting, statistics, caching) runs on it as on a trained one.
 ``tuning_cache`` stores its batch-size sweep answer (TINY_BATCH samples per forward pass), so
-that apps start in milliseconds and batch the same way in every test: ``make_settings`` turns
-run-time refinement of the batch size off (its tests turn it on, with a tuning cache of their own).
+that apps start in milliseconds and batch the same way in every test (a plan swept over one size
+is pinned: neither re-validated at start nor refined while serving).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ def make_settings(
             "job_db": tmp_path_factory.mktemp("jobs") / "jobs.sqlite3",
             "redis_url": None,
             "precision": "float32",
-            "refine_batch_size": False,
             "api_keys": [],
         }
         return Settings(**{**fields, **overrides})

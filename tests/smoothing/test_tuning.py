@@ -163,7 +163,7 @@ def test_a_batch_size_refined_at_run_time_is_where_the_next_start_begins(tmp_pat
     host = FakeHost()
     start = dict(cache_key="refined", cache_file=cache, candidates=(64,), precision="float32", clock=host.clock)
     plan = prepare_for_inference(CostModel(host), (1, 4, 4), "cpu", **start)
-    assert (plan.batch_size, plan.plan_key) == (64, key)
+    assert (plan.batch_size, plan.plan_key, plan.pinned) == (64, key, True)  # one candidate: fixed at start
     tuning.store_batch_size(plan, 32, 1234.0, cache)
     stored = json.loads(cache.read_text())
     assert stored["another model"] == other  # the other plans are kept

@@ -12,6 +12,7 @@ import json
 import random
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -156,15 +157,17 @@ class SleepCost(nn.Module):
 
 
 def loaded_with_cached_plan(registry: Path, cache: Path, key: str, batch_size: int, model: nn.Module) -> LoadedModel:
-    """The tiny model's manifest with ``model`` behind a plan read from ``cache``, forged at ``batch_size``."""
+    """The tiny model's manifest with ``model`` behind a plan forged at ``batch_size`` and cached in memory and in
+    ``cache`` (the one in memory is used as is: no re-validation at start, so what follows is run-time refinement)."""
     _, manifest = load_model(registry, TINY_ID)
     plan_key = _plan_key(key, torch.device("cpu"), "float32")
     forged = {"batch_size": batch_size, "interactive_batch_size": 64, "channels_last": False}
-    forged |= {"samples_per_second": 1_000.0, "precision": "float32", "sweep": {str(batch_size): 1_000.0}}
+    sweep = {str(batch_size): 1_000.0, "16": 100.0}  # a sweep of two sizes: a plan to refine, not a pinned one
+    forged |= {"samples_per_second": 1_000.0, "precision": "float32", "sweep": sweep}
     cache.write_text(json.dumps({plan_key: forged}))
-    _plans.pop(plan_key, None)
-    plan = prepare_for_inference(model, manifest.input_shape, "cpu", cache_key=key, cache_file=cache, candidates=(64,))
-    assert plan.batch_size == batch_size and plan.plan_key == plan_key
+    _plans[plan_key] = forged
+    plan = prepare_for_inference(model, manifest.input_shape, "cpu", cache_key=key, cache_file=cache)
+    assert plan.batch_size == batch_size and plan.plan_key == plan_key and not plan.pinned
     return LoadedModel(manifest, plan, torch.device("cpu"))
 
 
@@ -213,7 +216,7 @@ def test_an_executor_corrects_a_bad_plan_while_serving_and_answers_as_the_librar
     assert gauge == 512
 
 
-def test_interactive_batches_stay_at_most_the_refined_size(tiny_registry, tmp_path) -> None:
+def test_interactive_batches_stay_at_most_the_refined_size_and_pinned_plans_are_not_refined(tiny_registry, tmp_path) -> None:
     loaded = loaded_with_cached_plan(tiny_registry, tmp_path / "tuning.json", "refine-interactive", 256, SleepCost())
     executor = Executor(Scheduler(max_pending_samples=10**6), {TINY_ID: loaded}, refiner=quick_refiner)
     refiner = executor.refiners[TINY_ID]
@@ -221,6 +224,8 @@ def test_interactive_batches_stay_at_most_the_refined_size(tiny_registry, tmp_pa
     refiner.batch_size = 32  # as if refinement had moved it below the interactive size
     assert executor._batch_size_for(TINY_ID, True) == 32
     assert executor._batch_size_for(TINY_ID, False) == 32 == executor.batch_size(TINY_ID)
+    pinned = replace(loaded, plan=replace(loaded.plan, pinned=True))  # swept over one size: fixed, as at start
+    assert Executor(Scheduler(max_pending_samples=10**6), {TINY_ID: pinned}, refiner=quick_refiner).refiners == {}
 
 
 def test_a_try_that_raises_goes_back_to_the_queue_and_is_not_tried_again(tiny_registry, tmp_path) -> None:

@@ -216,7 +216,7 @@ def test_an_executor_corrects_a_bad_plan_while_serving_and_answers_as_the_librar
     assert gauge == 512
 
 
-def test_interactive_batches_stay_at_most_the_refined_size_and_pinned_plans_are_not_refined(tiny_registry, tmp_path) -> None:
+def test_interactive_stays_at_most_the_refined_size_and_pinned_plans_stay_fixed(tiny_registry, tmp_path) -> None:
     loaded = loaded_with_cached_plan(tiny_registry, tmp_path / "tuning.json", "refine-interactive", 256, SleepCost())
     executor = Executor(Scheduler(max_pending_samples=10**6), {TINY_ID: loaded}, refiner=quick_refiner)
     refiner = executor.refiners[TINY_ID]

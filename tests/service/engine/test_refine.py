@@ -147,12 +147,14 @@ class SleepCost(nn.Module):
             self.linear.bias.zero_()
             self.linear.bias[0] = 0.3  # class 0 leads; noise spreads the rest over the other classes
         self.fails_above = fails_above
+        self.sleeps = True  # off: the same outputs at once (for the library's answers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = int(x.shape[0])
         if self.fails_above and batch > self.fails_above:
             raise RuntimeError(f"out of memory at batch {batch}")
-        time.sleep(pass_seconds(batch))
+        if self.sleeps:
+            time.sleep(pass_seconds(batch))
         return self.linear(x.flatten(1) - 0.5)
 
 
@@ -175,10 +177,10 @@ def keep_busy(scheduler: Scheduler, until: threading.Event) -> None:
     """Certification work, always more than a batch of it queued, until ``until`` is set."""
     key = 0
     while not until.wait(0.01):
-        if scheduler.pending_samples < 20_000:
+        if scheduler.pending_samples < 5_000:  # over 0.2 s of work at the best size: every batch is full
             key += 1
             x = torch.full((1, 28, 28), 0.5)
-            scheduler.submit(WorkItem(TINY_ID, x, 0.25, key, 1, 10_000, 10, Priority.CERTIFY))
+            scheduler.submit(WorkItem(TINY_ID, x, 0.25, key, 1, 2_048, 10, Priority.CERTIFY))
 
 
 def quick_refiner(loaded: LoadedModel) -> BatchRefiner:
@@ -188,7 +190,8 @@ def quick_refiner(loaded: LoadedModel) -> BatchRefiner:
 
 def test_an_executor_corrects_a_bad_plan_while_serving_and_answers_as_the_library(tiny_registry, tmp_path) -> None:
     cache = tmp_path / "tuning.json"
-    loaded = loaded_with_cached_plan(tiny_registry, cache, "refine-test", 64, SleepCost())
+    model = SleepCost()
+    loaded = loaded_with_cached_plan(tiny_registry, cache, "refine-test", 64, model)
     scheduler = Scheduler(max_pending_samples=10**7)
     slots = [Slot("cpu", torch.device("cpu"), 1)]
     pool = Pool(scheduler, slots, {"cpu": {TINY_ID: loaded}}, refiner=quick_refiner, tuning_cache=cache)
@@ -202,7 +205,7 @@ def test_an_executor_corrects_a_bad_plan_while_serving_and_answers_as_the_librar
         while executor.batch_size(TINY_ID) != 512 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert executor.batch_size(TINY_ID) == 512
-        time.sleep(2.0)  # some 80 more batches at 512, tries of 256 and 1,024 among them
+        time.sleep(1.0)  # some 40 more batches at 512, tries of 256 and 1,024 among them
         assert executor.batch_size(TINY_ID) == 512
         done.set()
         feeder.join()
@@ -210,6 +213,7 @@ def test_an_executor_corrects_a_bad_plan_while_serving_and_answers_as_the_librar
     finally:
         done.set()
         pool.stop()
+    model.sleeps = False
     assert_same_answers(service, library_certificates(loaded))  # the library at the plan's 64, the service at 512
     assert json.loads(cache.read_text())[loaded.plan.plan_key]["batch_size"] == 512  # the next start begins there
     gauge = REGISTRY.get_sample_value("certserve_batch_size_samples", {"model": TINY_ID, "executor": "cpu"})
@@ -235,11 +239,11 @@ def test_a_try_that_raises_goes_back_to_the_queue_and_is_not_tried_again(tiny_re
     scheduler = Scheduler(max_pending_samples=10**7)
     executor = Executor(scheduler, {TINY_ID: loaded}, refiner=quick_refiner, threads=1)
     x = torch.full((1, 28, 28), 0.5)
-    futures = [scheduler.submit(WorkItem(TINY_ID, x, 0.25, k, 1, 8_192, 10, Priority.CERTIFY)) for k in range(4)]
+    futures = [scheduler.submit(WorkItem(TINY_ID, x, 0.25, k, 1, 2_048, 10, Priority.CERTIFY)) for k in range(4)]
     executor.start()
     try:
         counts = [f.result(timeout=60) for f in futures]
     finally:
         executor.stop()
-    assert [int(c.sum()) for c in counts] == [8_192] * 4 and executor.error is None
+    assert [int(c.sum()) for c in counts] == [2_048] * 4 and executor.error is None
     assert executor.batch_size(TINY_ID) == 512 and 1024 not in executor.refiners[TINY_ID].sizes

@@ -8,13 +8,17 @@ anyway; a ``BatchRefiner`` per (executor, model) turns those timings into a deci
   work there was, not how fast the device is.
 - Now and then (after every ``explore_every`` full batches at the current size, that is while
   the model is saturated) the next batch is asked at a neighbouring candidate size, the lower and
-  the upper one in turn. Its rate is divided by that of the full batch just before it: adjacent
-  batches see the same load of a shared machine, so a slow drift cancels out (the rule behind
-  ``smoothing.tuning.precision_ratio``). The first batch at a size is a warm-up and not counted.
-- The batch size moves to a neighbour once the median of its last ratios (at least ``pairs`` of
-  them) is REVALIDATE_GAIN or more, the margin by which a cached plan moves at start. A stall of
-  the machine lands in one pair and moves the median little; a size that is not clearly faster
-  never wins, so two sizes of equal speed do not take turns.
+  the upper one in turn, and paired with the full batch just before it: the two see the same load
+  of a shared machine. The first batch at a size is a warm-up and not counted.
+- The batch size moves to a neighbour when two statistics of its last tries (at least ``pairs`` of
+  them) both say it is REVALIDATE_GAIN faster, the margin by which a cached plan moves at start:
+  the median of the pairs' ratios (a stall, or a change of the machine's load, spoils a few pairs
+  only) and the fastest of its tries over the fastest of their partners (the sweep's rule: a busy
+  machine only ever slows a batch down, so the fastest is the estimate). Either alone moved
+  between sizes of equal speed: the median on the busy 2-core machine (most batches there are a
+  little slowed, so a ratio of two is noisy both ways), the maxima when the machine's load
+  changed between two tries. A size that is not clearly faster does not win, so two sizes of
+  equal speed do not take turns.
 
 Batch size never changes an answer (noise comes in seeded blocks, smoothing.sampling), and the
 sizes are the tuner's candidates (CPU_BATCH_SIZES / GPU_BATCH_SIZES, powers of two, so multiples of
@@ -34,8 +38,8 @@ from collections.abc import Sequence
 from smoothing.tuning import CPU_BATCH_SIZES, GPU_BATCH_SIZES, REVALIDATE_GAIN
 
 EXPLORE_EVERY = 16  # full batches at the current size between two tries of a neighbour (≈ 6 % of the batches)
-PAIRS = 5  # ratios a neighbour needs before it can win
-WINDOW = 9  # ratios (and rates) kept per size: the last ones, so that the statistic follows the machine
+PAIRS = 5  # tries a neighbour needs before it can win
+WINDOW = 9  # tries (and rates) kept per size: the last ones, so that the statistic follows the machine
 
 
 class BatchRefiner:
@@ -65,12 +69,13 @@ class BatchRefiner:
         self.window = window
         self.gain = gain
         self._rates: deque[float] = deque(maxlen=window)  # samples/s of the last full batches at batch_size
-        self._ratios: dict[int, deque[float]] = {}  # per neighbour: its rate ÷ the batch before it
+        # Per neighbour: (its rate, the rate of the full batch at batch_size just before it) of its last tries.
+        self._pairs: dict[int, deque[tuple[float, float]]] = {}
         self._warm: set[int] = {batch_size}  # sizes that already ran once (the first run is a warm-up)
         self._since_try = 0  # full batches at batch_size since the last try of a neighbour
         self._last_rate: float | None = None  # the latest batch's rate, if it was full and at batch_size
         self._turn = 0  # which neighbour the next try is for
-        self._estimate: float | None = None  # right after a move: the old size's rate × the winning ratio
+        self._estimate: float | None = None  # right after a move: the old size's rate × the winning score
 
     @property
     def neighbours(self) -> tuple[int, ...]:
@@ -81,7 +86,7 @@ class BatchRefiner:
     @property
     def samples_per_second(self) -> float | None:
         """Median rate of the last full batches at the current size; right after a move, before the new size's
-        own batches, the old size's rate times the winning ratio; None before the first full batch."""
+        own batches, the old size's rate times the winning score; None before the first full batch."""
         return statistics.median(self._rates) if self._rates else self._estimate
 
     def propose(self) -> int:
@@ -111,8 +116,19 @@ class BatchRefiner:
         if asked not in self._warm:
             self._warm.add(asked)
             return None
-        self._ratios.setdefault(asked, deque(maxlen=self.window)).append(rate / before)
+        self._pairs.setdefault(asked, deque(maxlen=self.window)).append((rate, before))
         return self._decide()
+
+    def score(self, size: int) -> float | None:
+        """How much faster the neighbour ``size`` ran than the current size, the lesser of two estimates over its
+        last tries: the median of (its rate ÷ the full batch's just before it), and the fastest of its tries over
+        the fastest of those batches; None before it has ``pairs`` tries."""
+        pairs = self._pairs.get(size, ())
+        if len(pairs) < self.pairs:
+            return None
+        median = statistics.median(rate / before for rate, before in pairs)
+        fastest = max(rate for rate, _ in pairs) / max(before for _, before in pairs)
+        return min(median, fastest)
 
     def interrupt(self) -> None:
         """A batch of the model ran at a size not proposed here (the interactive one): the next try waits for a
@@ -123,22 +139,22 @@ class BatchRefiner:
         """A try at ``asked`` raised (e.g. out of device memory): never try that size again."""
         if asked != self.batch_size and asked in self.sizes:
             self.sizes = tuple(s for s in self.sizes if s != asked)
-            self._ratios.pop(asked, None)
+            self._pairs.pop(asked, None)
             self._since_try = 0
             self._last_rate = None
 
     def _decide(self) -> int | None:
-        medians = {b: statistics.median(r) for b, r in self._ratios.items() if len(r) >= self.pairs}
-        if not medians:
+        scores = {b: score for b in self._pairs if (score := self.score(b)) is not None}
+        if not scores:
             return None
-        best = max(medians, key=medians.__getitem__)
-        if medians[best] < self.gain:
+        best = max(scores, key=scores.__getitem__)
+        if scores[best] < self.gain:
             return None
         rate = self.samples_per_second
-        self._estimate = None if rate is None else rate * medians[best]
+        self._estimate = None if rate is None else rate * scores[best]
         self.batch_size = best
-        # Ratios were against the old size: the new one's neighbours start afresh (the old size must win back).
-        self._ratios.clear()
+        # Pairs were with the old size: the new one's neighbours start afresh (the old size must win back).
+        self._pairs.clear()
         self._rates.clear()
         self._since_try = 0
         self._turn = 0

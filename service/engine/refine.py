@@ -14,11 +14,12 @@ anyway; a ``BatchRefiner`` per (executor, model) turns those timings into a deci
   them) both say it is REVALIDATE_GAIN faster, the margin by which a cached plan moves at start:
   the median of the pairs' ratios (a stall, or a change of the machine's load, spoils a few pairs
   only) and the fastest of its tries over the fastest of their partners (the sweep's rule: a busy
-  machine only ever slows a batch down, so the fastest is the estimate). Either alone moved
-  between sizes of equal speed: the median on the busy 2-core machine (most batches there are a
-  little slowed, so a ratio of two is noisy both ways), the maxima when the machine's load
-  changed between two tries. A size that is not clearly faster does not win, so two sizes of
-  equal speed do not take turns.
+  machine only ever slows a batch down, so the fastest is the estimate). The median alone moved
+  back and forth on the busy 2-core machine (most batches there are slowed a little, so a ratio of
+  two is noisy both ways; one executor went 256 → 128 → 256 within 4 s); the maxima alone moved
+  when the machine's load changed between two tries (the fastest try from before the change, its
+  partner stalled). A size that is not clearly faster does not win, so sizes of equal speed do not
+  take turns.
 
 Batch size never changes an answer (noise comes in seeded blocks, smoothing.sampling), and the
 sizes are the tuner's candidates (CPU_BATCH_SIZES / GPU_BATCH_SIZES, powers of two, so multiples of

@@ -39,8 +39,8 @@ from collections.abc import Sequence
 from smoothing.tuning import CPU_BATCH_SIZES, GPU_BATCH_SIZES, REVALIDATE_GAIN
 
 EXPLORE_EVERY = 16  # full batches at the current size between two tries of a neighbour (≈ 6 % of the batches)
-PAIRS = 5  # tries a neighbour needs before it can win
-WINDOW = 9  # tries (and rates) kept per size: the last ones, so that the statistic follows the machine
+PAIRS = 9  # tries a neighbour needs before it can win
+WINDOW = 15  # tries (and rates) kept per size: the last ones, so that the statistic follows the machine
 
 
 class BatchRefiner:

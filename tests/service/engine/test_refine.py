@@ -80,7 +80,7 @@ def test_a_bad_cached_plan_is_corrected_on_a_busy_machine_and_stays_corrected() 
     refiner = BatchRefiner(64, CPU_BATCH_SIZES)
     _, sizes = serve(refiner, BusyDevice(), 3_000)
     assert moves(sizes, 64) == [128, 256, 512]  # one step at a time, never back, never past the best
-    assert sizes.index(512) < 1_000  # a few hundred batches per step at the default pace
+    assert sizes.index(512) < 1_200  # ~340 batches a step at the default pace: 9 tries of the winner, 9 of the other
     assert 0.5 * 512 / pass_seconds(512) < refiner.samples_per_second <= 512 / pass_seconds(512)
 
 
@@ -102,6 +102,17 @@ def test_two_sizes_within_the_margin_do_not_take_turns() -> None:
             asked = refiner.propose()
             refiner.observe(asked, asked, flat[asked] * (1 + 0.05 * jitter.random()))
         assert refiner.batch_size == start
+
+
+def test_sizes_of_equal_speed_stay_put_on_a_machine_that_slows_most_batches_a_little() -> None:
+    # As the busy 2-core machine: every batch up to 30 % slower (most by a little), one in ten by half again. The
+    # ratio of two such batches is noisy both ways; a median of ratios alone moved here dozens of times.
+    refiner = BatchRefiner(256, (64, 128, 256, 512, 1024))
+    noise = random.Random(0)
+    for _ in range(5_000):
+        asked = refiner.propose()
+        slowed = 1 + 0.3 * noise.random() ** 2 + (0.5 if noise.random() < 0.1 else 0.0)
+        assert refiner.observe(asked, asked, asked / 10_000 * slowed) is None  # 10,000 samples/s at every size
 
 
 def test_batches_the_queue_could_not_fill_say_nothing() -> None:

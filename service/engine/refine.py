@@ -15,11 +15,11 @@ anyway; a ``BatchRefiner`` per (executor, model) turns those timings into a deci
   the median of the pairs' ratios (a stall, or a change of the machine's load, spoils a few pairs
   only) and the fastest of its tries over the fastest of their partners (the sweep's rule: a busy
   machine only ever slows a batch down, so the fastest is the estimate). The median alone moved
-  back and forth on the busy 2-core machine (most batches there are slowed a little, so a ratio of
-  two is noisy both ways; one executor went 256 → 128 → 256 within 4 s); the maxima alone moved
-  when the machine's load changed between two tries (the fastest try from before the change, its
-  partner stalled). A size that is not clearly faster does not win, so sizes of equal speed do not
-  take turns.
+  back and forth on the busy 2-core machine (with 5 tries; most batches there are slowed a little,
+  so a ratio of two is noisy both ways; one executor went 256 → 128 → 256 within 4 s); the maxima
+  alone moved when the machine's load changed between two tries (the fastest try from before the
+  change, its partner stalled). A size that is not clearly faster does not win, so sizes of equal
+  speed do not take turns.
 
 Batch size never changes an answer (noise comes in seeded blocks, smoothing.sampling), and the
 sizes are the tuner's candidates (CPU_BATCH_SIZES / GPU_BATCH_SIZES, powers of two, so multiples of

@@ -1,10 +1,15 @@
-"""The noise construction's cost: library CERTIFY throughput over L, before and after the 128-bit block keys.
+"""The noise construction's cost: library CERTIFY throughput over L, for three ways of drawing the noise.
 
-Before (up to issue 10): blocks of 32 samples, each from PyTorch's CPU generator seeded with a
-63-bit hash, of which that generator keeps 32 bits (blocks of one request could collide). Now:
-blocks of 128 samples from NumPy's SFC64 keyed by 128 bits, Box–Muller in torch
-(``smoothing.sampling.block_noise``). Both variants run in alternating rounds of one process,
-each round between two L windows, so a shared machine's drift cancels out in the ratios.
+1. Before issue 10: blocks of 32 samples, each from PyTorch's CPU generator seeded with a 63-bit hash
+   (of which that generator keeps 32 bits: blocks of one request could collide), drawn into a
+   temporary and added into the batch block by block.
+2. Issue 10's first version: blocks of 128 samples keyed by 128 bits (``smoothing.sampling.block_generator``),
+   still a temporary and an add per block, on the calling thread only.
+3. Now (``smoothing.sampling.noisy_batch``): the same 128-bit blocks drawn straight into the batch,
+   shared out among the intra-op threads, then one x + σ·ε per chunk.
+
+All variants run in alternating rounds of one process, each round between two L windows, so a shared
+machine's drift cancels out in the ratios.
 
     python -m bench.noise_ab --model fmnist-resnet-sigma0.25 --rounds 5 --seconds 15
 """
@@ -24,10 +29,11 @@ from bench.library import certify_for
 from bench.limit import Limit, limit_rate
 from models.registry import DEFAULT_ROOT, load_model
 from smoothing import sampling
-from smoothing.sampling import derive_seed
+from smoothing.sampling import Chunk, derive_seed
 from smoothing.tuning import keep_freed_memory, prepare_for_inference
 
 NoiseFn = Callable[[int, int, int, tuple[int, ...], torch.device], torch.Tensor]
+BatchFn = Callable[[list[Chunk], torch.device, bool], torch.Tensor]
 
 
 def torch_block_noise(key: int, stage: int, block: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -37,23 +43,46 @@ def torch_block_noise(key: int, stage: int, block: int, shape: tuple[int, ...], 
     return torch.randn((sampling.NOISE_BLOCK, *shape), generator=generator, device=device)
 
 
-VARIANTS: dict[str, tuple[NoiseFn, int]] = {
-    "torch mt19937, 32-sample blocks (before)": (torch_block_noise, 32),
-    "SFC64 128-bit keys, 128-sample blocks (now)": (sampling.block_noise, 128),
+def per_block_batch(block_noise: NoiseFn) -> BatchFn:
+    """``noisy_batch`` as it was up to issue 10's first version: per piece a block in a temporary, then an add."""
+
+    def noisy_batch(chunks: list[Chunk], device: torch.device, channels_last: bool = False) -> torch.Tensor:
+        shape = tuple(chunks[0].x.shape)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        batch = torch.empty((sum(c.size for c in chunks), *shape), device=device, memory_format=memory_format)
+        for c, block, lo, hi, row in sampling._noise_pieces(chunks):
+            noise = block_noise(c.key, c.stage, block, shape, device)
+            offset = block * sampling.NOISE_BLOCK
+            torch.add(c.x.to(device), noise[lo - offset : hi - offset], alpha=c.sigma, out=batch[row : row + hi - lo])
+        return batch
+
+    return noisy_batch
+
+
+VARIANTS: dict[str, tuple[BatchFn, int]] = {
+    "torch mt19937 seeded per 32-sample block, temporary + add (before issue 10)": (
+        per_block_batch(torch_block_noise),
+        32,
+    ),
+    "128-bit keys, 128-sample blocks, temporary + add, one thread (issue 10, first version)": (
+        per_block_batch(sampling.block_noise),
+        128,
+    ),
+    "128-bit keys, 128-sample blocks drawn into the batch on the intra-op threads (now)": (sampling.noisy_batch, 128),
 }
 
 
 def run_variant(name: str, limit: Limit, images: torch.Tensor, seconds: float, n0: int, n: int) -> float:
     """Library samples/s with the noise construction ``name`` (patched into smoothing.sampling for the call)."""
-    noise, block = VARIANTS[name]
-    saved = sampling.block_noise, sampling.NOISE_BLOCK
-    sampling.block_noise, sampling.NOISE_BLOCK = noise, block
+    noisy_batch, block = VARIANTS[name]
+    saved = sampling.noisy_batch, sampling.NOISE_BLOCK
+    sampling.noisy_batch, sampling.NOISE_BLOCK = noisy_batch, block
     try:
         samples, elapsed, _ = on_compute_thread(
             certify_for, limit, images, seconds, n0=n0, n=n, alpha=0.001, first_seed=1
         )
     finally:
-        sampling.block_noise, sampling.NOISE_BLOCK = saved
+        sampling.noisy_batch, sampling.NOISE_BLOCK = saved
     return samples / elapsed
 
 

@@ -62,6 +62,11 @@ MEASURED_LIMIT = Gauge(
     "samples per second the model reached at its batch size when it was loaded (the tuner's sweep)",
     ["model", "executor"],
 )
+BATCH_SIZE = Gauge(
+    "certserve_batch_size_samples",
+    "the model's throughput batch size on the executor now: the plan's, moved by run-time refinement",
+    ["model", "executor"],
+)
 PENDING_SAMPLES = Gauge("certserve_pending_samples", "noise samples queued or in flight, not yet counted")
 BACKLOG = Gauge(
     "certserve_backlog_seconds",
@@ -124,11 +129,17 @@ def record_forward_failure(batch: Batch, error: BaseException, *, executor: str)
 
 
 def track_executor(executor: str, models: dict[str, LoadedModel]) -> None:
-    """Export each model's measured limit on ``executor`` and its per-pass counters at 0 from the start."""
+    """Export each model's measured limit and batch size on ``executor``, and its per-pass counters at 0."""
     for model_id, loaded in models.items():
         MEASURED_LIMIT.labels(model_id, executor).set(loaded.plan.samples_per_second)
+        BATCH_SIZE.labels(model_id, executor).set(loaded.plan.batch_size)
         for counter in (NOISE_SAMPLES, FORWARD_PASSES, FORWARD_PASS_FAILURES):
             counter.labels(model_id, executor)
+
+
+def record_batch_size(model_id: str, executor: str, batch_size: int) -> None:
+    """Run-time refinement moved ``model_id``'s throughput batch size on ``executor`` to ``batch_size`` samples."""
+    BATCH_SIZE.labels(model_id, executor).set(batch_size)
 
 
 def track_scheduler(scheduler: Scheduler, model_ids: Iterable[str]) -> None:

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     tuning_cache: Path | None = Field(
         Path("state/tuning.json"), description="JSON file caching the batch-size sweep across restarts"
     )
+    refine_batch_size: bool = Field(
+        True,
+        description="refine each model's batch size while serving from the timings of full batches (now and then "
+        "a batch at a neighbouring size; a move needs 10% more samples/s) and store a move in tuning_cache; "
+        "precision is chosen at start only",
+    )
 
     # scheduling and limits
     max_pending_samples: int = Field(

@@ -3,6 +3,9 @@
 On a 2-core CPU a small CNN ran ~3x faster at batch 32 than at the paper's 1,000, and
 channels-last was up to 2x faster; neither is predictable from first principles, so
 ``prepare_for_inference`` measures a short sweep and caches the answer per (model, device).
+A cached plan is a starting point: re-validated at the next start (``revalidate``), and its batch
+size refined while the service serves (service.engine.refine), which ``store_batch_size`` writes
+back to the cache. Precision is chosen (and its plan re-validated) at start only.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import ctypes
 import json
 import logging
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ REVALIDATE_GAIN = 1.1  # a cached plan's batch moves to a neighbouring size meas
 # shorter wait for an interactive request that arrives while it runs.
 NEAR_BEST = 0.95
 _plans: dict[str, dict[str, object]] = {}
+_cache_lock = threading.Lock()  # executors of one process may record refined plans at once (store_batch_size)
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -89,6 +94,8 @@ class InferencePlan:
     samples_per_second: float  # noise + forward + argmax, measured at batch_size
     precision: str = "float32"  # "float32", or the autocast dtype the model runs under
     interactive_batch_size: int = 0  # the smallest near the fastest (pick_batch); 0 = batch_size
+    plan_key: str = ""  # what the plan is cached under (in memory and in the cache file); "" = not cached
+    pinned: bool = False  # swept over one size only: neither re-validated at start nor refined while serving
 
     def __post_init__(self) -> None:
         if not self.interactive_batch_size:
@@ -360,7 +367,7 @@ def prepare_for_inference(
     if key and settings is None and cache_file is not None and cache_file.exists():
         settings = json.loads(cache_file.read_text()).get(key)
         # From another start, perhaps on a busier machine: re-validated, unless it was swept over one size only.
-        if settings is not None and len(settings.get("sweep", candidates)) > 1 and len(candidates) > 1:
+        if settings is not None and not _pinned(settings, candidates):
             settings = revalidate(model, input_shape, device, settings, candidates, clock)
     if settings is None:
         settings = _sweep(model, input_shape, device, candidates, precision, clock)
@@ -368,10 +375,7 @@ def prepare_for_inference(
     if key:
         _plans[key] = settings
         if cache_file is not None:
-            stored = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-            stored[key] = settings
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            cache_file.write_text(json.dumps(stored, indent=2))
+            _write_cache(cache_file, key, settings)
     channels_last = bool(settings["channels_last"])
     precision = str(settings.get("precision", "float32"))
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -382,7 +386,50 @@ def prepare_for_inference(
         samples_per_second=float(settings["samples_per_second"]),
         precision=precision,
         interactive_batch_size=int(settings.get("interactive_batch_size", 0)),
+        plan_key=key or "",
+        pinned=_pinned(settings, candidates),
     )
+
+
+def _pinned(settings: dict[str, object], candidates: tuple[int, ...]) -> bool:
+    """Whether a plan's batch size is fixed: swept over one size only, or asked for with one candidate."""
+    return len(settings.get("sweep", candidates)) <= 1 or len(candidates) <= 1
+
+
+def _write_cache(cache_file: Path, key: str, settings: dict[str, object]) -> None:
+    """Store ``settings`` under ``key`` in ``cache_file``, keeping the other keys; the file is replaced whole
+    (a reader never sees half of it)."""
+    with _cache_lock:
+        stored = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+        stored[key] = settings
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_name(f"{cache_file.name}.{threading.get_ident()}.tmp")
+        partial.write_text(json.dumps(stored, indent=2))
+        partial.replace(cache_file)
+
+
+def store_batch_size(plan: InferencePlan, batch_size: int, samples_per_second: float, cache_file: Path | None) -> None:
+    """Record a batch size measured better while serving (service.engine.refine) as the plan's, in memory and in
+    ``cache_file``, so that the next start begins from it (and re-validates it, as any cached plan). The interactive
+    batch is kept, at most ``batch_size``; memory format and precision are kept. Nothing for an uncached plan."""
+    if not plan.plan_key:
+        return
+    with _cache_lock:
+        settings = _plans.get(plan.plan_key)
+        if settings is None and cache_file is not None and cache_file.exists():
+            settings = json.loads(cache_file.read_text()).get(plan.plan_key)
+    if settings is None:
+        return
+    interactive = min(int(settings.get("interactive_batch_size", batch_size)), batch_size)
+    settings = {
+        **settings,
+        "batch_size": batch_size,
+        "interactive_batch_size": interactive,
+        "samples_per_second": samples_per_second,
+    }
+    _plans[plan.plan_key] = settings
+    if cache_file is not None:
+        _write_cache(cache_file, plan.plan_key, settings)
 
 
 def plan_summary(plan: InferencePlan) -> dict[str, object]:

@@ -5,6 +5,12 @@ argmax + bincount (``smoothing.sampling.count_chunks``) and hands the counts bac
 loop never runs a forward pass. Several executors (service.engine.pool) may feed from one
 scheduler; each batch goes to exactly one of them.
 
+Batch size: the executor asks for each model's throughput batch size, refined while it serves from
+its own timings of full batches (``service.engine.refine``, one refiner per model; off: the plan's),
+or the plan's interactive size, at most the throughput one, while predictions are recent. A try at
+a neighbouring size that raises (say, out of device memory) goes back to the queue, and that size
+is not tried again.
+
 A failing device: a forward pass that raises hands its batch back to the scheduler (``requeue``)
 while another executor of the pool is alive, so that the requests are answered elsewhere; with
 no other executor it fails the batch's requests. After ``MAX_CONSECUTIVE_FAILURES`` failures in
@@ -31,6 +37,7 @@ from dataclasses import replace
 import torch
 
 from service.engine.models import LoadedModel
+from service.engine.refine import BatchRefiner
 from service.engine.scheduler import Batch, Scheduler
 from smoothing.sampling import count_chunks
 from smoothing.tuning import claim_threads
@@ -55,7 +62,12 @@ class Executor:
         on_failure: Callable[[Batch, BaseException], None] | None = None,
         threads: int = 0,
         peers_alive: Callable[[Executor], bool] = lambda _: False,
+        refiner: Callable[[LoadedModel], BatchRefiner] | None = None,
+        on_refine: Callable[[str, int, float], None] | None = None,
     ) -> None:
+        """``refiner``: makes each model's BatchRefiner (None = the plans' batch sizes, fixed; a pinned plan's
+        always is). ``on_refine``: called on the executor's thread with (model id, new batch size, samples/s)
+        when refinement moves one."""
         self.scheduler = scheduler
         self.models = models
         self.name = name
@@ -64,6 +76,11 @@ class Executor:
         self.on_failure = on_failure  # metrics hook: (batch, error) of a forward pass that raised
         self.threads = threads or torch.get_num_threads()  # intra-op threads of the forward passes
         self.peers_alive = peers_alive  # whether another executor of the pool can take over its work
+        # A plan pinned to one batch size (smoothing.tuning) is not refined, as it is not re-validated at start.
+        refined = {} if refiner is None else {m: loaded for m, loaded in models.items() if not loaded.plan.pinned}
+        self.refiners = {model_id: refiner(loaded) for model_id, loaded in refined.items()}
+        self.on_refine = on_refine
+        self._asked: tuple[str, int, bool] | None = None  # (model, size, interactive) of the last size handed out
         self.consecutive_failures = 0
         self.error: str | None = None  # why the executor left the pool; None while it serves
         self._stop = threading.Event()
@@ -84,8 +101,21 @@ class Executor:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def batch_size(self, model_id: str) -> int:
+        """The model's throughput batch size on this executor now: the refined one, or the plan's."""
+        refiner = self.refiners.get(model_id)
+        return refiner.batch_size if refiner is not None else self.models[model_id].batch_size
+
     def _batch_size_for(self, model_id: str, interactive: bool) -> int:
-        return self.models[model_id].batch_size_for(interactive)
+        refiner = self.refiners.get(model_id)
+        if refiner is None:
+            size = self.models[model_id].batch_size_for(interactive)
+        elif interactive:  # the interactive logic is the plan's; refinement only keeps it ≤ the throughput size
+            size = min(self.models[model_id].plan.interactive_batch_size, refiner.batch_size)
+        else:
+            size = refiner.propose()
+        self._asked = (model_id, size, interactive)
+        return size
 
     def _run(self) -> None:
         # Flushing denormals is a per-thread setting: set it on the thread that runs the forward passes.
@@ -98,7 +128,7 @@ class Executor:
                 batch = self.scheduler.next_batch(self._batch_size_for, timeout=0.05)
                 if batch is None:
                     continue
-                if not self._run_batch(batch):
+                if not self._run_batch(batch, self._asked):
                     return
                 batch = None
         except BaseException as e:  # the thread dies: its batch goes back to the queue, or fails
@@ -107,15 +137,25 @@ class Executor:
             if batch is not None:
                 self._give_back(batch, e)
 
-    def _run_batch(self, batch: Batch) -> bool:
-        """Run one batch; False once this executor has taken itself out of the pool."""
+    def _run_batch(self, batch: Batch, asked: tuple[str, int, bool] | None = None) -> bool:
+        """Run one batch (``asked``: the size it was asked at, see ``_batch_size_for``); False once this executor
+        has taken itself out of the pool."""
         model = self.models[batch.model_id]
+        refiner = self.refiners.get(batch.model_id) if asked is not None and asked[0] == batch.model_id else None
         started = time.perf_counter()
         try:
             # Inputs live on the host (pinned when a GPU is in use): copy them without waiting.
             chunks = [replace(c, x=c.x.to(model.device, non_blocking=True)) for c in batch.chunks]
             counts = count_chunks(model.plan.model, chunks, model.manifest.num_classes, model.plan.channels_last)
         except Exception as e:  # a failing forward pass never kills the thread by itself
+            if refiner is not None and not asked[2] and asked[1] != refiner.batch_size:
+                # A try at a neighbouring size: the size is at fault until shown otherwise, not the device.
+                log.warning("%s: %s at batch %d failed (%s); not tried again", self.name, batch.model_id, asked[1], e)
+                refiner.failed(asked[1])
+                self.scheduler.requeue(batch, e)
+                if self.on_failure is not None:
+                    self.on_failure(batch, e)
+                return True
             self.consecutive_failures += 1
             log.exception("%s: forward pass failed (%d in a row)", self.name, self.consecutive_failures)
             self._give_back(batch, e)
@@ -132,12 +172,32 @@ class Executor:
         self.consecutive_failures = 0
         seconds = time.perf_counter() - started
         self.scheduler.complete(batch, counts, seconds)
+        if refiner is not None:
+            self._refine(refiner, batch, asked, seconds)
         if self.on_batch is not None:
             try:
                 self.on_batch(batch, seconds)
             except Exception:  # a metrics hook that breaks loses a sample, never the device (the batch is done)
                 log.exception("%s: on_batch hook failed", self.name)
         return True
+
+    def _refine(self, refiner: BatchRefiner, batch: Batch, asked: tuple[str, int, bool], seconds: float) -> None:
+        """Feed the batch's timing to the model's refiner; on a move, log it and tell ``on_refine``."""
+        model_id, size, interactive = asked
+        if interactive:
+            refiner.interrupt()
+            return
+        before = refiner.batch_size
+        moved = refiner.observe(size, batch.size, seconds)
+        if moved is None:
+            return
+        rate = refiner.samples_per_second or 0.0
+        log.info("%s: %s's batch size %d → %d (about %.0f samples/s)", self.name, model_id, before, moved, rate)
+        if self.on_refine is not None:
+            try:
+                self.on_refine(model_id, moved, rate)
+            except Exception:  # persisting or exporting the size may fail; serving at it does not
+                log.exception("%s: on_refine hook failed", self.name)
 
     def _give_back(self, batch: Batch, error: BaseException) -> None:
         """Another executor runs the batch's chunks if one is alive; otherwise its requests fail."""

@@ -34,6 +34,7 @@ class LoadedModel:
 
     @property
     def batch_size(self) -> int:
+        """The plan's throughput batch size (each executor may refine its own: ``Executor.batch_size``)."""
         return self.plan.batch_size
 
     def batch_size_for(self, interactive: bool) -> int:

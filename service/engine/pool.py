@@ -6,7 +6,9 @@
 device (CPU executors share one copy, tuned at their own thread count); the scheduler hands the
 next batch to whichever executor asks first, so one request's chunks may run on several devices.
 Its answer does not depend on which: each chunk's noise comes from its seeded blocks and the
-counts add up (only last-bit float rounding differs between batch compositions).
+counts add up (only last-bit float rounding differs between batch compositions). Each executor refines
+its models' batch sizes while it serves (``service.engine.refine``; CERTSERVE_REFINE_BATCH_SIZE): a
+move is exported (``certserve_batch_size_samples``) and stored in the tuning cache for the next start.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from service import metrics
 from service.engine.engine import Engine
 from service.engine.executor import Executor
 from service.engine.models import LoadedModel, load_models
+from service.engine.refine import BatchRefiner, candidates_for
 from service.engine.scheduler import Batch, Scheduler
 from service.gpu_metrics import GPU
-from smoothing.tuning import claim_threads
+from smoothing.tuning import claim_threads, store_batch_size
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -141,8 +144,13 @@ class Pool:
         models: dict[str, dict[str, LoadedModel]],
         *,
         on_batch: Callable[[Batch, float], None] | None = None,
+        refiner: Callable[[LoadedModel], BatchRefiner] | None = None,
+        tuning_cache: Path | None = None,
     ) -> None:
+        """``refiner``: makes each executor's refiner of each model (``default_refiner``; None = fixed batch
+        sizes); a move is exported and stored in ``tuning_cache``."""
         self.scheduler = scheduler
+        self.tuning_cache = tuning_cache
         self.executors = [
             Executor(
                 scheduler,
@@ -152,6 +160,8 @@ class Pool:
                 on_failure=functools.partial(metrics.record_forward_failure, executor=slot.name),
                 threads=slot.threads,
                 peers_alive=self._peers_alive,
+                refiner=refiner,
+                on_refine=functools.partial(self._refined, slot.name, models[slot.name]),
             )
             for slot in slots
         ]
@@ -185,6 +195,11 @@ class Pool:
         """Whether any executor serves."""
         return any(e.alive for e in self.executors)
 
+    def _refined(self, executor: str, models: dict[str, LoadedModel], model_id: str, size: int, rate: float) -> None:
+        """An executor moved a model's batch size: export it, and store it for the next start (rare: on a move)."""
+        metrics.record_batch_size(model_id, executor, size)
+        store_batch_size(models[model_id].plan, size, rate, self.tuning_cache)
+
     def _peers_alive(self, executor: Executor) -> bool:
         return any(e.alive for e in self.executors if e is not executor)
 
@@ -194,6 +209,11 @@ class Pool:
             {"name": e.name, "device": str(e.device), "alive": e.alive, "threads": e.threads, "error": e.error}
             for e in self.executors
         ]
+
+
+def default_refiner(loaded: LoadedModel, *, max_batch: int = 0) -> BatchRefiner:
+    """A refiner from the model's plan, over the tuner's sizes of its device up to ``max_batch`` (0 = no cap)."""
+    return BatchRefiner(loaded.plan.batch_size, candidates_for(loaded.device.type, max_batch))
 
 
 def start_engine(
@@ -208,13 +228,21 @@ def start_engine(
 
     ``models``: ``load_for_slots(slots, ...)``'s answer. Stop the pool when done."""
     first = models[slots[0].name]
+    refiner = functools.partial(default_refiner, max_batch=settings.max_batch) if settings.refine_batch_size else None
     scheduler = Scheduler(
         max_pending_samples=settings.max_pending_samples,
         batch_delay_s=settings.batch_delay_ms / 1000.0,
         shares=settings.shares,
         expected_rates={model_id: m.plan.samples_per_second for model_id, m in first.items()},
     )
-    pool = Pool(scheduler, slots, models, on_batch=on_batch)
+    pool = Pool(
+        scheduler,
+        slots,
+        models,
+        on_batch=on_batch,
+        refiner=refiner,
+        tuning_cache=settings.tuning_cache,
+    )
     pool.start()
     metrics.track_scheduler(scheduler, first)
     GPU.watch([slot.device for slot in slots])

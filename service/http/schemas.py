@@ -219,7 +219,10 @@ class ModelInfo(BaseModel):
     input_shape: tuple[int, int, int] = Field(description="(C, H, W) of inputs")
     sha256: str = Field(description="sha256 of the weights file")
     device: str
-    batch_size: int = Field(description="measured best number of noise samples per forward pass")
+    batch_size: int = Field(
+        description="measured best number of noise samples per forward pass at load time; executors refine it "
+        "while serving (the metric certserve_batch_size_samples has each one's current size)"
+    )
     interactive_batch_size: int = Field(
         description="samples per forward pass for a second after a /v1/predict arrives: the smallest batch within "
         "5 % of the best throughput, so that predictions wait less for the batch in flight"

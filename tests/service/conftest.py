@@ -3,7 +3,8 @@
 The model is ``fmnist_resnet`` with fixed random weights: its answers mean nothing, but every
 code path (decoding, batching, counting, statistics, caching) runs on it as on a trained one.
 ``tuning_cache`` stores its batch-size sweep answer (TINY_BATCH samples per forward pass), so
-that apps start in milliseconds and batch the same way in every test.
+that apps start in milliseconds and batch the same way in every test (a plan swept over one size
+is pinned: neither re-validated at start nor refined while serving).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -148,3 +149,28 @@ def test_a_bad_cached_plan_is_corrected(tmp_path) -> None:
     )
     assert plan.batch_size == 256 and plan.samples_per_second > 20_000
     assert json.loads(cache.read_text())[key]["batch_size"] == 256  # the next start begins from the good plan
+
+
+def test_a_batch_size_refined_at_run_time_is_where_the_next_start_begins(tmp_path) -> None:
+    from smoothing import tuning
+
+    cache = tmp_path / "tuning.json"
+    key = f"refined|cpu|threads={torch.get_num_threads()}|torch={torch.__version__}|precision=float32"
+    other = {"batch_size": 32, "channels_last": False, "samples_per_second": 5.0}
+    cached = {"batch_size": 64, "interactive_batch_size": 128, "channels_last": False, "samples_per_second": 9.0}
+    cache.write_text(json.dumps({key: cached, "another model": other}))
+    tuning._plans.pop(key, None)
+    host = FakeHost()
+    start = dict(cache_key="refined", cache_file=cache, candidates=(64,), precision="float32", clock=host.clock)
+    plan = prepare_for_inference(CostModel(host), (1, 4, 4), "cpu", **start)
+    assert (plan.batch_size, plan.plan_key, plan.pinned) == (64, key, True)  # one candidate: fixed at start
+    tuning.store_batch_size(plan, 32, 1234.0, cache)
+    stored = json.loads(cache.read_text())
+    assert stored["another model"] == other  # the other plans are kept
+    assert stored[key] | {"batch_size": 64, "interactive_batch_size": 128, "samples_per_second": 9.0} == cached
+    assert (stored[key]["batch_size"], stored[key]["interactive_batch_size"]) == (32, 32)  # interactive ≤ batch
+    tuning._plans.clear()  # a new process
+    again = prepare_for_inference(CostModel(host), (1, 4, 4), "cpu", **start)
+    assert (again.batch_size, again.interactive_batch_size, again.samples_per_second) == (32, 32, 1234.0)
+    tuning.store_batch_size(replace(again, plan_key=""), 16, 1.0, cache)  # an uncached plan: nothing is stored
+    assert json.loads(cache.read_text())[key]["batch_size"] == 32

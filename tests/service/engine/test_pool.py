@@ -7,7 +7,6 @@ wrapper that raises on one executor's thread only.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,20 +15,14 @@ from dataclasses import replace
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from tiny_model import TINY_CLASSES, TINY_ID, TINY_SIGMA
+from library_check import assert_same_answers, certify_concurrently, library_certificates
+from tiny_model import TINY_ID
 from torch import nn
 
-from service.engine.engine import Engine
-from service.engine.models import LoadedModel
 from service.engine.pool import AUTO_CPU_EXECUTORS, Pool, Slot, load_settings_models, parse_devices, start_engine
 from service.engine.scheduler import Priority, Scheduler, WorkItem
 from service.http.app import create_app
 from service.settings import Settings
-from smoothing.core import certify, certify_procedure
-
-SEEDS = range(6)
-N0, N = 64, 1024
-FLIPS_ALLOWED = 2  # argmax flips between batch compositions (last-bit float rounding), as in the API tests
 
 
 class FailsOn(nn.Module):
@@ -103,43 +96,6 @@ def two_cpus(make_settings: Callable[..., Settings]) -> Iterator[tuple[Settings,
     with ThreadPoolExecutor(1) as loader:  # a passing thread, as the service loads (its OpenMP team goes with it)
         models = loader.submit(load_settings_models, settings, slots).result()
     yield settings, slots, models
-
-
-def library_certificates(loaded: LoadedModel) -> list:
-    x = torch.full((1, 28, 28), 0.5)
-    return [
-        certify(
-            loaded.plan.model,
-            x,
-            sigma=TINY_SIGMA,
-            num_classes=len(TINY_CLASSES),
-            n0=N0,
-            n=N,
-            alpha=0.001,
-            batch_size=loaded.batch_size,
-            seed=seed,
-            channels_last=loaded.plan.channels_last,
-        )
-        for seed in SEEDS
-    ]
-
-
-def certify_concurrently(engine: Engine) -> list:
-    async def all_of_them() -> list:
-        x = torch.full((1, 28, 28), 0.5)
-        procedure = lambda: certify_procedure(n0=N0, n=N, alpha=0.001, sigma=TINY_SIGMA)  # noqa: E731
-        jobs = [engine.run(TINY_ID, x, procedure(), seed=s, priority=Priority.CERTIFY) for s in SEEDS]
-        return [c for c, _ in await asyncio.gather(*jobs)]
-
-    return asyncio.run(all_of_them())
-
-
-def assert_same_answers(service: list, library: list) -> None:
-    for got, expected in zip(service, library, strict=True):
-        assert got.selection_counts == expected.selection_counts
-        assert sum(got.estimation_counts) == sum(expected.estimation_counts) == N
-        moved = sum(abs(a - b) for a, b in zip(got.estimation_counts, expected.estimation_counts, strict=True)) // 2
-        assert moved <= FLIPS_ALLOWED, (got.estimation_counts, expected.estimation_counts)
 
 
 def test_two_cpu_executors_share_the_work_and_answer_as_the_library(two_cpus) -> None:

@@ -15,12 +15,9 @@ and receive the class counts of those samples; ``run`` drives one with a synchro
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import os
 import secrets
 from collections.abc import Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -175,51 +172,25 @@ def _noise_pieces(chunks: list[Chunk]) -> list[tuple[Chunk, int, int, int, int]]
     return pieces
 
 
-@functools.cache
-def _noise_pool() -> ThreadPoolExecutor:
-    """Threads that draw CPU noise blocks beside the calling thread (see ``noisy_batch``)."""
-    return ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 1) - 1), thread_name_prefix="noise")
-
-
-def _draw_into(batch: torch.Tensor, pieces: list[tuple[Chunk, int, int, int, int]], shape: tuple[int, ...]) -> None:
-    """Draw each whole-block piece's noise straight into its rows of ``batch`` (rows contiguous).
-
-    Only torch.randn runs here, which is serial on the CPU: a thread of the noise pool never starts an
-    OpenMP team of its own (several teams on few cores make PyTorch's workers sleep; service.engine.executor).
-    """
-    # Inference mode is per thread: a pool thread writing into an inference tensor must be in it too.
-    with torch.inference_mode(batch.is_inference()):
-        for c, block, _, _, row in pieces:
-            generator = block_generator(c.key, c.stage, block, batch.device)
-            rows = batch[row : row + NOISE_BLOCK]
-            torch.randn((NOISE_BLOCK, *shape), generator=generator, device=batch.device, out=rows)
-
-
 def noisy_batch(chunks: list[Chunk], device: torch.device, channels_last: bool = False) -> torch.Tensor:
     """Concatenate x + σ·ε for every chunk: tensor (Σ sizes, C, H, W) on ``device``.
 
     ε is ``stream_noise`` of the chunk's range, sample for sample. A piece that covers a whole block
-    is drawn straight into the batch (no temporary, no copy) and the pieces are shared out among the
-    calling thread's intra-op threads (``torch.get_num_threads()``) on a CPU, where one generator draws
-    on one core; then x + σ·ε is formed in place, one operation per chunk. The values do not depend on
-    how the blocks were shared out, nor on the memory format.
+    is drawn straight into the batch (no temporary, no copy), then x + σ·ε is formed in place, one
+    operation per chunk (measured: noise construction ~20 % cheaper than a temporary and an add per
+    block, ``python -m bench.noise_ab``). The values do not depend on the memory format.
     """
     shape = tuple(chunks[0].x.shape)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     batch = torch.empty((sum(c.size for c in chunks), *shape), device=device, memory_format=memory_format)
-    whole, partial = [], []
-    for piece in _noise_pieces(chunks):
-        _, block, lo, hi, row = piece
-        covers_block = hi - lo == NOISE_BLOCK  # pieces never cross a block boundary
-        (whole if covers_block and batch[row : row + NOISE_BLOCK].is_contiguous() else partial).append(piece)
-    workers = min(torch.get_num_threads(), len(whole)) if device.type == "cpu" else 1
-    drawing = [_noise_pool().submit(_draw_into, batch, whole[w::workers], shape) for w in range(1, workers)]
-    _draw_into(batch, whole[::workers] if workers > 1 else whole, shape)
-    for c, block, lo, hi, row in partial:  # on this thread: copies may run in parallel (OpenMP)
-        offset = block * NOISE_BLOCK
-        batch[row : row + hi - lo].copy_(block_noise(c.key, c.stage, block, shape, device)[lo - offset : hi - offset])
-    for future in drawing:
-        future.result()
+    for c, block, lo, hi, row in _noise_pieces(chunks):
+        rows = batch[row : row + hi - lo]
+        if hi - lo == NOISE_BLOCK and rows.is_contiguous():  # a whole block (pieces never cross a block boundary)
+            generator = block_generator(c.key, c.stage, block, device)
+            torch.randn((NOISE_BLOCK, *shape), generator=generator, device=device, out=rows)
+        else:  # part of a block, or rows laid out channels-last: drawn whole, the piece copied
+            offset = block * NOISE_BLOCK
+            rows.copy_(block_noise(c.key, c.stage, block, shape, device)[lo - offset : hi - offset])
     row = 0
     for c in (c for c in chunks if c.size > 0):
         rows = batch[row : row + c.size]

@@ -18,8 +18,11 @@ machine's drift cancels out in the ratios.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +31,7 @@ import torch
 from bench.compute_thread import on_compute_thread, start_compute_thread
 from bench.library import certify_for
 from bench.limit import Limit, limit_rate
+from bench.machine import cpuinfo_field
 from models.registry import DEFAULT_ROOT, load_model
 from smoothing import sampling
 from smoothing.sampling import Chunk, derive_seed
@@ -92,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit-seconds", type=float, default=3.0)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--out", type=Path, default=Path("bench/results/noise_ab.json"))
+    parser.add_argument(
+        "--report", type=Path, default=Path("bench/results/noise_ab.md"), help="included in BENCHMARKS.md"
+    )
     args = parser.parse_args(argv)
     keep_freed_memory()
     start_compute_thread()
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     limit = Limit(manifest, model, plan, plan.model, plan.precision, device)
     images = torch.rand((8, *manifest.input_shape), generator=torch.Generator().manual_seed(0))
     rows: list[dict[str, object]] = []
+    load_at_start = os.getloadavg()[0]
     before = limit_rate(limit, args.limit_seconds)
     for r in range(args.rounds):
         names = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
@@ -128,8 +136,18 @@ def main(argv: list[str] | None = None) -> None:
         }
         for name in VARIANTS
     }
+    first = list(VARIANTS)[0]
+    by_round = {
+        r: {row["variant"]: row["fraction_of_limit"] for row in rows if row["round"] == r} for r in range(args.rounds)
+    }
+    for name in list(VARIANTS)[1:]:
+        summary[name]["paired_ratio_to_first"] = statistics.median(v[name] / v[first] for v in by_round.values())
     result = {
         "model": args.model,
+        "command": "python -m bench.noise_ab " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{cpuinfo_field('model name', Path('/proc/cpuinfo').read_text())}, {os.cpu_count()} cores",
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "load_average_at_start": load_at_start,
         "precision": plan.precision,
         "batch_size": plan.batch_size,
         "summary": summary,
@@ -137,7 +155,29 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.report.write_text(markdown(result))
     print(json.dumps(summary, indent=2))
+
+
+def markdown(result: dict) -> str:
+    """The section of BENCHMARKS.md: each construction's library CERTIFY rate over L, and paired against the first."""
+    first = next(iter(result["summary"]))
+    lines = [
+        "## Noise construction: library CERTIFY over L (issue 10)",
+        "",
+        f"`{result['command']}` ({result['machine']}, {result['date_utc'][:10]}, load average "
+        f"{result['load_average_at_start']:.2f} at the start; {result['model']} in {result['precision']}, batch "
+        f"{result['batch_size']}; library CERTIFY with n0 = 100, n = 10,000; variants alternate within each round, "
+        "each between two L windows). Shared machines drift by tens of percent over seconds: read the medians and "
+        "the paired ratios, not single rounds.",
+        "",
+        "| noise construction | median samples/s | median fraction of L | paired ÷ first (median) |",
+        "|---|--:|--:|--:|",
+    ]
+    for name, s in result["summary"].items():
+        paired = "—" if name == first else f"{s['paired_ratio_to_first']:.3f}"
+        lines.append(f"| {name} | {s['median_samples_per_s']:,.0f} | {s['median_fraction_of_limit']:.3f} | {paired} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

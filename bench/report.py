@@ -16,6 +16,9 @@ STUDIES = Path(__file__).resolve().parents[1] / "results" / "sample-efficiency"
 SAMPLE_EFFICIENCY = STUDIES / "report.md"  # python -m training.studies.sample_efficiency
 BOUND_STUDY = STUDIES / "bounds.md"  # python -m training.studies.bound_sim
 POOL = Path(__file__).resolve().parent / "results"
+NOISE_SECTION = Path(__file__).resolve().parent / "results" / "noise_ab.md"  # python -m bench.noise_ab
+# python -m training.studies.n0_sim: the radius decision's defaults (issue 16)
+N0_STUDY = STUDIES / "n0-decision.md"
 POOL_SECTIONS = (  # issue 17: python -m bench.executors, python -m bench.workers, and the paper estimate
     POOL / "executors" / "report.md",
     POOL / "workers" / "report.md",
@@ -372,12 +375,12 @@ def render(runs: list[dict[str, Any]]) -> str:
             ]
         for title, section in SECTIONS:
             lines += ["", f"### {title}", "", *section(r)]
-    for section in POOL_SECTIONS:
+    for section in (NOISE_SECTION, *POOL_SECTIONS):
         if section.exists():
             lines += ["", section.read_text().strip()]
     if FINDINGS.exists():
         lines += ["", "## Where the time goes", "", FINDINGS.read_text().strip()]
-    for study in (SAMPLE_EFFICIENCY, BOUND_STUDY):
+    for study in (SAMPLE_EFFICIENCY, BOUND_STUDY, N0_STUDY):
         if study.exists():
             lines += ["", study.read_text().strip()]
     return "\n".join(lines) + "\n"

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     # models and device
     model_dir: Path = Field(DEFAULT_ROOT, description="registry folder of checkpoints (manifest.json + weights.pt)")
     models: list[str] = Field(default_factory=list, description="model ids to load; empty = every model in model_dir")
+    default_model: str | None = Field(
+        None,
+        description="model answering requests that name none; unset = the first of CERTSERVE_MODELS, else the "
+        "first plain classifier loaded (not a composed one, which costs several forward passes a sample)",
+    )
     devices: str = Field(
         "auto",
         description="the executors: 'auto' (every visible CUDA GPU, else the CPU as measured best), a list "

@@ -35,7 +35,7 @@ from service.http.routes_console import add_console
 from service.http.routes_smoothing import ClientDisconnected
 from service.http.schemas import RADIUS_UNITS
 from service.http.shutdown import Drain, ShutdownGuard
-from service.http.state import Services
+from service.http.state import Services, pick_default_model
 from service.jobs.queue import make_enqueue
 from service.jobs.runner import RESUME_RETRY_S, STORE_ERRORS, JobRunner
 from service.jobs.store import RedisJobStore, SqliteJobStore
@@ -72,6 +72,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     models = await in_passing_thread(load_settings_models, settings, slots)
     if not any(models.values()):
         raise RuntimeError(f"no models found in {settings.model_dir} (set CERTSERVE_MODEL_DIR or CERTSERVE_MODELS)")
+    default_model = pick_default_model(settings, next(loaded for loaded in models.values() if loaded))
     engine, pool = start_engine(settings, slots, models)
     cache = make_cache(settings)
     store = RedisJobStore(settings.redis_url) if settings.redis_url else SqliteJobStore(settings.job_db)
@@ -79,7 +80,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     jobs = JobRunner(store, engine, enqueue=enqueue)
     await jobs.start()
     uploads = DecodeBudget(settings.max_decoding_bytes)
-    app.state.services = Services(settings, engine.scheduler, pool, engine, cache, jobs, uploads, signing_key)
+    app.state.services = Services(
+        settings, engine.scheduler, pool, engine, cache, jobs, uploads, default_model, signing_key
+    )
     log.info("serving %s on %s", ", ".join(engine.models), ", ".join(slot.name for slot in slots))
     try:
         yield

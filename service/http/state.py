@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
     from service.cache import Cache
     from service.engine.engine import Engine
+    from service.engine.models import LoadedModel
     from service.engine.pool import Pool
     from service.engine.scheduler import Scheduler
     from service.jobs.runner import JobRunner
@@ -28,12 +29,21 @@ class Services:
     cache: Cache
     jobs: JobRunner
     uploads: DecodeBudget  # bytes of job uploads being decompressed, shared by concurrent uploads
+    default_model: str = ""  # the model answering requests that name none (``pick_default_model``)
     signing_key: Ed25519PrivateKey | None = None
 
-    @property
-    def default_model(self) -> str:
-        """The model answering requests that name none: the first loaded."""
-        return next(iter(self.engine.models))
+
+def pick_default_model(settings: Settings, loaded: dict[str, LoadedModel]) -> str:
+    """CERTSERVE_DEFAULT_MODEL if set (RuntimeError if it is not loaded), else the first of CERTSERVE_MODELS,
+    else the first plain classifier loaded, else the first loaded."""
+    if settings.default_model is not None:
+        if settings.default_model not in loaded:
+            raise RuntimeError(f"CERTSERVE_DEFAULT_MODEL = {settings.default_model!r} is not among the loaded models")
+        return settings.default_model
+    if settings.models:
+        return settings.models[0]
+    plain = [m for m, model in loaded.items() if model.manifest.kind == "classifier"]
+    return plain[0] if plain else next(iter(loaded))
 
 
 def services(request: Request) -> Services:

@@ -35,7 +35,10 @@ class ErrorResponse(BaseModel):
 class CommonParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="model id (see GET /v1/models); default: the service's default model (CERTSERVE_DEFAULT_MODEL)")
+    model: str | None = Field(
+        None,
+        description="model id (see GET /v1/models); default: the service's default model (CERTSERVE_DEFAULT_MODEL)",
+    )
     alpha: float | None = Field(
         None, gt=0, lt=0.5, description="failure probability α in (0, 0.5); default 0.001 (CERTSERVE_DEFAULT_ALPHA)"
     )
@@ -270,7 +273,9 @@ class JobParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, description="model id; default: the service's default model (CERTSERVE_DEFAULT_MODEL)")
+    model: str | None = Field(
+        None, description="model id; default: the service's default model (CERTSERVE_DEFAULT_MODEL)"
+    )
     n0: int | None = Field(
         None,
         ge=1,

@@ -11,6 +11,7 @@ r of ``bound_sim.RADII`` on both σ's reference images for each (n0, first check
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smoothing.confseq import DECISION_PRIORS
 from smoothing.looks import DEFAULT_CHECK_EVERY, chunk_schedule
 from smoothing.sequential import DEFAULT_FUTILITY_ALPHA, DEFAULT_N_MAX
 from training.analyze import read_log
@@ -34,61 +36,64 @@ def sweep(
     firsts: list[int],
     repeats: int,
     seed: int,
-    futility_alpha: float = DEFAULT_FUTILITY_ALPHA,
+    futility_alphas: tuple[float, ...] = (DEFAULT_FUTILITY_ALPHA,),
 ) -> list:
-    """One row per (n0, first check): every cell's mean samples and agreement, the reduction together and worst."""
+    """One row per (futility level, n0, first check): every cell's mean samples and agreement, the reduction
+    together and in the worst cell, the lowest and the mean agreement."""
     references = {s: read_log(fixed_dir / f"certify-n100k-sigma{s}.tsv") for s in sigmas}
     rows = []
-    for n0 in n0s:
-        for first in firsts:
-            looks = chunk_schedule(DEFAULT_N_MAX, DEFAULT_CHECK_EVERY, first=first)
-            rng = np.random.default_rng(seed)
-            started = time.perf_counter()
-            cells = {
-                f"{s}/{r}": radius_cell(
-                    references[s],
-                    float(s),
-                    r,
-                    "confseq",
-                    repeats,
-                    rng,
-                    n0=n0,
-                    looks=looks,
-                    futility_alpha=futility_alpha,
-                )
-                for s in sigmas
-                for r in RADII
-            }
-            total = sum(c["mean_samples"] for c in cells.values())
-            rows.append(
-                {
-                    "n0": n0,
-                    "first_check": first,
-                    "cells": cells,
-                    "together": len(cells) * FIXED_SAMPLES / total,
-                    "worst_cell": min(c["reduction"] for c in cells.values()),
-                    "min_agreement": min(c["agreement"] for c in cells.values()),
-                    "seconds": time.perf_counter() - started,
-                }
+    for futility_alpha, n0, first in itertools.product(futility_alphas, n0s, firsts):
+        looks = chunk_schedule(DEFAULT_N_MAX, DEFAULT_CHECK_EVERY, first=first)
+        rng = np.random.default_rng(seed)
+        started = time.perf_counter()
+        cells = {
+            f"{s}/{r}": radius_cell(
+                references[s],
+                float(s),
+                r,
+                "confseq",
+                repeats,
+                rng,
+                n0=n0,
+                looks=looks,
+                futility_alpha=futility_alpha,
             )
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "cells"}), flush=True)
+            for s in sigmas
+            for r in RADII
+        }
+        total = sum(c["mean_samples"] for c in cells.values())
+        rows.append(
+            {
+                "futility_alpha": futility_alpha,
+                "n0": n0,
+                "first_check": first,
+                "cells": cells,
+                "together": len(cells) * FIXED_SAMPLES / total,
+                "worst_cell": min(c["reduction"] for c in cells.values()),
+                "min_agreement": min(c["agreement"] for c in cells.values()),
+                "mean_agreement": sum(c["agreement"] for c in cells.values()) / len(cells),
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "cells"}), flush=True)
     return rows
 
 
-def markdown(rows: list, command: str, repeats: int, futility_alpha: float) -> str:
+def markdown(rows: list, command: str, repeats: int) -> str:
     cells = list(rows[0]["cells"])
     lines = [
-        "### The radius decision's n0 and first check",
+        "### The radius decision's n0, first check and futility level",
         "",
-        f"Command: `{command}` (bound `confseq`, futility level {futility_alpha}, {repeats} runs per image and cell, "
+        f"Command: `{command}` (bound `confseq` with the decision's prior mixture b = "
+        f"{' and '.join(str(b) for b in DECISION_PRIORS)}, {repeats} runs per image and cell, "
         "selection simulated as n0 binomial draws of ĉA against the rest lumped into one class; a decision agrees "
         "when it certifies the reference's class exactly when fixed n = 100,000 did). Targets: ≥ 100× fewer samples "
         "together, ≥ 30× in every cell, agreement ≥ 99 % in every cell.",
         "",
-        "| n0 | first check | together (×) | worst cell (×) | lowest agreement | "
+        "| futility | n0 | first check | together (×) | worst cell (×) | lowest / mean agreement | "
         + " | ".join(f"σ/r {c}" for c in cells)
         + " | meets all |",
-        "|---|---|---|---|---|" + "---|" * len(cells) + "---|",
+        "|---|---|---|---|---|---|" + "---|" * len(cells) + "---|",
     ]
     for row in rows:
         meets = (
@@ -98,8 +103,9 @@ def markdown(rows: list, command: str, repeats: int, futility_alpha: float) -> s
         )
         per_cell = " | ".join(f"{c['reduction']:.1f}× / {100 * c['agreement']:.1f}%" for c in row["cells"].values())
         lines.append(
-            f"| {row['n0']} | {row['first_check']} | {row['together']:.1f} | {row['worst_cell']:.1f} | "
-            f"{100 * row['min_agreement']:.2f}% | {per_cell} | {'yes' if meets else 'no'} |"
+            f"| {row['futility_alpha']} | {row['n0']} | {row['first_check']} | {row['together']:.1f} | "
+            f"{row['worst_cell']:.1f} | {100 * row['min_agreement']:.2f}% / {100 * row['mean_agreement']:.2f}% | "
+            f"{per_cell} | {'yes' if meets else 'no'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -112,20 +118,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="runs per image and cell")
     parser.add_argument("--fixed-dir", type=Path, default=Path("results/fmnist"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--futility-alpha", type=float, default=DEFAULT_FUTILITY_ALPHA)
+    parser.add_argument("--futility-alpha", nargs="+", type=float, default=[DEFAULT_FUTILITY_ALPHA])
     parser.add_argument("--out", type=Path, default=Path("results/sample-efficiency/n0.json"))
     parser.add_argument("--report", type=Path, default=Path("results/sample-efficiency/n0.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rows = sweep(args.fixed_dir, args.sigmas, args.n0, args.first_check, args.repeats, args.seed, args.futility_alpha)
+    rows = sweep(
+        args.fixed_dir, args.sigmas, args.n0, args.first_check, args.repeats, args.seed, tuple(args.futility_alpha)
+    )
     command = ("python -m training.studies.n0_sim " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {"command": command, "repeats": args.repeats, "futility_alpha": args.futility_alpha, "rows": rows}, indent=1
-        )
-    )
-    args.report.write_text(markdown(rows, command, args.repeats, args.futility_alpha))
+    args.out.write_text(json.dumps({"command": command, "repeats": args.repeats, "rows": rows}, indent=1))
+    args.report.write_text(markdown(rows, command, args.repeats))
     print(args.report.read_text())
 
 

@@ -25,4 +25,4 @@ def test_sweep_spends_n0_less_on_clear_images_and_reports_every_setting(tmp_path
     clear_large, clear_small = rows[100]["cells"]["0.25/0.25"], rows[16]["cells"]["0.25/0.25"]
     assert clear_small["mean_samples"] < clear_large["mean_samples"]
     text = report.read_text()
-    assert "\n| 100 | 32 |" in text and "\n| 16 | 32 |" in text
+    assert "| 100 | 32 |" in text and "| 16 | 32 |" in text and "prior mixture" in text

@@ -37,7 +37,7 @@ from bench.server import REPO_ROOT, Server, start_paper_server, start_server, st
 from bench.service_load import measure_service
 from models.registry import DEFAULT_ROOT, find_checkpoint, read_registry_manifest
 from service.engine.models import pick_device
-from smoothing.tuning import keep_freed_memory
+from smoothing.runtime import keep_freed_memory
 
 DEFAULT_MODEL = "fmnist-resnet-sigma0.25"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"  # a database of its own: flushed before and after

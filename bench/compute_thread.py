@@ -18,7 +18,7 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
-from smoothing.tuning import claim_threads
+from smoothing.runtime import claim_threads
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -32,7 +32,7 @@ from bench.machine import describe_machine
 from service.engine.pool import load_settings_models, parse_devices, start_engine
 from service.engine.scheduler import Priority, WorkItem
 from service.settings import Settings
-from smoothing.tuning import keep_freed_memory
+from smoothing.runtime import keep_freed_memory
 
 OUT = Path(__file__).resolve().parent / "results" / "executors"
 LAYOUTS = ("cpu", "cpu*2")

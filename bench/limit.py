@@ -20,13 +20,12 @@ from bench.compute_thread import on_compute_thread
 from models.checkpoint import Manifest
 from models.registry import load_model
 from smoothing.core import certify
+from smoothing.runtime import Autocast, fold_batchnorm
 from smoothing.tuning import (
     CPU_BATCH_SIZES,
     FASTER_BY,
     GPU_BATCH_SIZES,
-    Autocast,
     InferencePlan,
-    fold_batchnorm,
     measure_throughput,
     pick_batch,
     precision_ratio,

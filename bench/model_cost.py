@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from models.registry import DEFAULT_ROOT, load_model
-from smoothing.tuning import fold_batchnorm, measure_throughput
+from smoothing.runtime import fold_batchnorm
+from smoothing.tuning import measure_throughput
 
 
 def main(argv: list[str] | None = None) -> None:

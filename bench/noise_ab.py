@@ -34,8 +34,9 @@ from bench.limit import Limit, limit_rate
 from bench.machine import cpuinfo_field
 from models.registry import DEFAULT_ROOT, load_model
 from smoothing import sampling
+from smoothing.runtime import keep_freed_memory
 from smoothing.sampling import Chunk, derive_seed
-from smoothing.tuning import keep_freed_memory, prepare_for_inference
+from smoothing.tuning import prepare_for_inference
 
 NoiseFn = Callable[[int, int, int, tuple[int, ...], torch.device], torch.Tensor]
 BatchFn = Callable[[list[Chunk], torch.device, bool], torch.Tensor]

@@ -14,7 +14,7 @@ import uvicorn
 from service.http.app import create_app
 from service.http.shutdown import Drain
 from service.settings import Settings
-from smoothing.tuning import keep_freed_memory
+from smoothing.runtime import keep_freed_memory
 
 
 class DrainingServer(uvicorn.Server):

@@ -38,8 +38,9 @@ from tqdm import tqdm
 from models.checkpoint import CheckpointError
 from models.registry import DEFAULT_ROOT, ModelNotFound, load_model
 from smoothing import core
+from smoothing.runtime import fold_batchnorm, with_precision
 from smoothing.sampling import derive_seed
-from smoothing.tuning import fold_batchnorm, prepare_for_inference, with_precision
+from smoothing.tuning import prepare_for_inference
 from training.analyze import read_log
 from training.data import DatasetNotFound, load_dataset
 

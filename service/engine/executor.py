@@ -39,8 +39,8 @@ import torch
 from service.engine.models import LoadedModel
 from service.engine.refine import BatchRefiner
 from service.engine.scheduler import Batch, Scheduler
+from smoothing.runtime import claim_threads
 from smoothing.sampling import count_chunks
-from smoothing.tuning import claim_threads
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from service.engine.models import LoadedModel, load_models
 from service.engine.refine import BatchRefiner, candidates_for
 from service.engine.scheduler import Batch, Scheduler
 from service.gpu_metrics import GPU
-from smoothing.tuning import claim_threads, store_batch_size
+from smoothing.runtime import claim_threads
+from smoothing.tuning import store_batch_size
 
 if TYPE_CHECKING:
     from service.settings import Settings

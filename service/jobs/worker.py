@@ -37,7 +37,7 @@ from service.jobs.runner import certify_image
 from service.jobs.store import ACTIVE_STATES, JobStore, RedisJobStore
 from service.jobs.uploads import ParsedUpload
 from service.settings import Settings
-from smoothing.tuning import keep_freed_memory
+from smoothing.runtime import keep_freed_memory
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -20,7 +20,7 @@ from models.checkpoint import (
 )
 from models.composed import MeanSoftmax, main, save_composed
 from models.registry import list_models, load_model
-from smoothing.tuning import fold_batchnorm
+from smoothing.runtime import fold_batchnorm
 
 MEAN, STD = (0.286,), (0.353,)
 CLASSES = [str(i) for i in range(10)]

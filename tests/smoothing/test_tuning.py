@@ -5,14 +5,8 @@ import pytest
 import torch
 
 from models.architectures import build_model
-from smoothing.tuning import (
-    Autocast,
-    fold_batchnorm,
-    measure_throughput,
-    pick_batch,
-    prepare_for_inference,
-    sweep_batch_sizes,
-)
+from smoothing.runtime import Autocast, fold_batchnorm
+from smoothing.tuning import measure_throughput, pick_batch, prepare_for_inference, sweep_batch_sizes
 
 
 def _model_with_trained_batchnorm() -> torch.nn.Module:

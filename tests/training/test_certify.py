@@ -15,7 +15,7 @@ from models.architectures import build_model
 from models.checkpoint import save_checkpoint
 from models.registry import load_model
 from smoothing import core, tuning
-from smoothing.tuning import fold_batchnorm
+from smoothing.runtime import fold_batchnorm
 from training import certify as certify_module
 from training.analyze import read_log
 from training.certify import (

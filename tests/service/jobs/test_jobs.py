@@ -23,8 +23,9 @@ from service.jobs.store import JobRecord, JobStore, RedisJobStore, SqliteJobStor
 from service.jobs.uploads import ParsedUpload
 from smoothing.core import certify
 from smoothing.procedures import api_question, certificate_summary
+from smoothing.runtime import fold_batchnorm
 from smoothing.sampling import model_sampler, run
-from smoothing.tuning import InferencePlan, fold_batchnorm
+from smoothing.tuning import InferencePlan
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 SEED = 1234

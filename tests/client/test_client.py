@@ -185,7 +185,8 @@ def test_a_job_from_submit_to_results(client: Client, capsys: pytest.CaptureFixt
 
 
 def test_a_job_of_radius_decisions(client: Client) -> None:
-    created = client.submit_job(images_zip(2), mode="adaptive", radius=0.01, n=3200)
+    # n0 = 100 and a job seed: this checks how the client models the rows, not the decision's power at n0 = 16.
+    created = client.submit_job(images_zip(2), mode="adaptive", radius=0.01, n0=100, n=3200, seed=1)
     assert client.wait(created, timeout=120).state == "done"
     rows = client.results(created).results
     assert [row.certified_at_radius for row in rows] == [True, True]  # a field the client models as extra

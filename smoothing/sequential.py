@@ -51,11 +51,12 @@ DEFAULT_N_MAX = 100_000
 # sequence (issue 16; same simulation, prior b = 0.25, all six cells, 40 runs per image), levels 0.01 / 0.02 /
 # 0.03 / 0.05 / 0.2 gave 85x / 90x / 98x / 104x / 170x fewer samples at a lowest cell agreement of 99.3 / 99.2 /
 # 98.9 / 98.6 / 97.3 %: 0.01 stays, the largest level that keeps every cell at ≥ 99 % with a margin.
-# With the decision's two-prior mixture (smoothing.confseq.DECISION_PRIORS), n0 = 16 and a first check after 8
-# samples (python -m training.studies.n0_sim --repeats 120 --seed 2, BENCHMARKS.md): futility 0.02 gave 98.1x
-# fewer samples than fixed n together at a lowest cell agreement of 99.03 % (mean over the cells 99.58 %), 0.025
-# gave 102.9x at 98.99 % (99.53 %); the targets are 100x together and 99 % agreement, so 0.025.
-DEFAULT_FUTILITY_ALPHA = 0.025
+# With the decision's two-prior mixture (smoothing.confseq.DECISION_PRIORS) and n0 = 16 (python -m
+# training.studies.n0_sim --repeats 120 --seed 2, BENCHMARKS.md; first check after 32 samples): futility 0.02 /
+# 0.025 / 0.03 gave 98.3x / 101.1x / 106.6x fewer samples than fixed n together, lowest cell agreement 99.06 /
+# 99.05 / 99.04 % (mean over the cells 99.58 / 99.55 / 99.51 %); with n0 = 100, 0.03 gave 100.5x at 99.14 %.
+# The targets are 100x together and 99 % agreement: 0.03, where the samples have the most room.
+DEFAULT_FUTILITY_ALPHA = 0.03
 # The radius decision's default selection size: n0 is paid by every input, and an input on which every sample
 # agrees needs only ~30-60 estimation samples at r/σ ≤ 2, so n0 = 100 set the floor of the easy cells; 16 picks
 # the wrong class only on near-ties, which cost ~0.1-0.3 points of agreement in the simulation (n0_sim).

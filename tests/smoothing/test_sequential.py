@@ -51,11 +51,11 @@ def test_look_schedule_is_geometric_and_ends_at_n_max() -> None:
 
 def test_chunk_schedule_doubles_then_steps_then_grows_by_a_sixteenth() -> None:
     chunks = chunk_schedule(100_000)
-    assert chunks[:7] == (8, 16, 32, 64, 128, 256, 384) and chunks[-1] == 100_000
+    assert chunks[:5] == (32, 64, 128, 256, 384) and chunks[-1] == 100_000
     sizes, steps = np.array(chunks[:-1]), np.diff(chunks)
-    assert np.all(steps[4:-1] >= 128) and np.all(steps[:-1] <= np.maximum(128, sizes[:-1] / 16 + 1))
+    assert np.all(steps[2:-1] >= 128) and np.all(steps[:-1] <= np.maximum(128, sizes[:-1] / 16 + 1))
     assert len(chunks) < 100  # trips through the scheduler per request
-    assert chunk_schedule(50) == (8, 16, 32, 50)
+    assert chunk_schedule(50) == (32, 50)
 
 
 def test_bounds_reject_bad_arguments() -> None:
@@ -257,7 +257,7 @@ def test_library_wrappers_sample_through_a_model_and_count_samples() -> None:
     # samples (0.9768 at 400), above at 800.
     decision = certify_radius(model, x, radius=1.0, bound="union", n0=100, **common)
     assert decision.certified and decision.label == 2 and decision.samples == 100 + 800 and decision.looks == 4
-    # The confidence sequence, asked after every chunk (8, 16, 32, …, 256, 384, …), certifies at the first chunk
+    # The confidence sequence, asked after every chunk (32, 64, 128, 256, 384, …), certifies at the first chunk
     # whose mixture (the decision's two priors) exceeds 1/α; n0 is the decision's default.
     decision = certify_radius(model, x, radius=1.0, bound="confseq", **common)
     threshold = float(norm.cdf(2.0))

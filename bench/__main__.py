@@ -251,10 +251,14 @@ def run(args: argparse.Namespace, config: BenchConfig, device: torch.device, wor
     )
     timed(results, "library", started)
 
+    # The service runs its devices as `make run` does: on a CPU `auto` (one one-thread executor per core, the
+    # layout bench.executors measures faster than one executor on every core); L and the library are one process
+    # computing on every core, as a user's script would.
+    results["service_devices"] = "auto" if device.type == "cpu" else str(device)
     server_args = dict(
         model_dir=args.model_dir,
         model_id=args.model,
-        device=device,
+        device=results["service_devices"],
         tuning_cache=tuning_cache,
         workdir=workdir,
         timeout_s=config.server_start_timeout_s,

@@ -99,7 +99,7 @@ def report(results: dict) -> str:
         f"{results['model']} in {rounds[0]['cpu']['precision']}: a saturated pool (certification work "
         "through the scheduler, no HTTP), each layout a fresh process, the two alternating within each of "
         f"{len(rounds)} rounds ({results['seconds']:g} s windows after {results['warmup']:g} s of warm-up). "
-        "**The machine was shared with other engineers' work while this ran**: single rounds moved by tens "
+        "Single rounds on a shared machine move by tens "
         "of percent; the median round and the per-round ratio are what to read.",
         "",
         "| layout | executors × threads | batch | median samples/s | rounds (samples/s) |",

@@ -187,6 +187,13 @@ def service_section(r: dict[str, Any]) -> list[str]:
         f"n = {num(svc['n'])}); samples/s from the service's `certserve_noise_samples_total` over the window.",
         "",
     ]
+    if "service_devices" in r:
+        lines += [
+            f"The service ran with `CERTSERVE_DEVICES={r['service_devices']}`, as `make run` does (on a CPU: one "
+            "one-thread executor per core, see Executors on one CPU below); L and the library compute in one "
+            "process on every core, so on a CPU the service may exceed L.",
+            "",
+        ]
     if float32:
         lines += [
             f"L uses {r['limit']['model_as_measured']['precision']}, and so does the service (started with "

@@ -49,7 +49,7 @@ def server_env(
     *,
     model_dir: Path,
     model_id: str,
-    device: torch.device,
+    device: torch.device | str,  # CERTSERVE_DEVICES: a device, or "auto"
     port: int,
     tuning_cache: Path,
     job_db: Path,
@@ -80,7 +80,7 @@ def start_server(
     *,
     model_dir: Path,
     model_id: str,
-    device: torch.device,
+    device: torch.device | str,
     tuning_cache: Path,
     workdir: Path,
     redis_url: str | None = None,

@@ -95,14 +95,15 @@ async def stop_clients(tasks: list[asyncio.Task]) -> None:
 
 
 async def read_metrics(client: httpx.AsyncClient, model_id: str) -> dict[str, float]:
-    """The service's noise-sample counter for ``model_id`` and its pending-sample gauge, from /metrics."""
+    """The service's noise-sample counter for ``model_id`` (summed over its executors) and its pending-sample
+    gauge, from /metrics."""
     response = await client.get("/metrics")
     response.raise_for_status()
     values = {"noise_samples": 0.0, "pending_samples": 0.0}
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
             if sample.name == "certserve_noise_samples_total" and sample.labels.get("model") == model_id:
-                values["noise_samples"] = sample.value
+                values["noise_samples"] += sample.value  # one series per executor
             elif sample.name == "certserve_pending_samples":
                 values["pending_samples"] = sample.value
     return values

@@ -189,6 +189,27 @@ def add_float32_fractions(results: dict[str, Any]) -> None:
         load["fraction_of_float32_limit"] = load["fraction_of_limit"] * factor
 
 
+def service_plans(tuning_cache: Path, model_sha256: str, precision: str) -> list[dict[str, Any]]:
+    """The plans the service left in its tuning cache for the model at ``precision`` (one per executor thread
+    count and device), with the batch sizes refinement moved them to while it served."""
+    if not tuning_cache.exists():
+        return []
+    plans = []
+    for key, plan in json.loads(tuning_cache.read_text()).items():
+        parts = key.split("|")
+        if parts[0] == model_sha256 and parts[-1] == f"precision={precision}":
+            threads = next((int(p.removeprefix("threads=")) for p in parts if p.startswith("threads=")), None)
+            plans.append(
+                {
+                    "device": parts[1],
+                    "threads": threads,
+                    "batch_size": plan["batch_size"],
+                    "interactive_batch_size": plan.get("interactive_batch_size", plan["batch_size"]),
+                }
+            )
+    return sorted(plans, key=lambda p: (p["device"], p["threads"] or 0))
+
+
 def run(args: argparse.Namespace, config: BenchConfig, device: torch.device, workdir: Path) -> dict[str, Any]:
     manifest = read_registry_manifest(find_checkpoint(args.model_dir, args.model))
     results: dict[str, Any] = {
@@ -268,6 +289,7 @@ def run(args: argparse.Namespace, config: BenchConfig, device: torch.device, wor
         results.update(asyncio.run(service_parts(server, limit, config, args.seed, start_paper)))
     finally:
         stop_server(server)
+    results["service_plans"] = service_plans(tuning_cache, manifest.sha256, limit.precision)
 
     started = time.perf_counter()
     unreachable = redis_reachable(args.redis_url)

@@ -1,9 +1,17 @@
-"""Latency of /v1/predict (n = 100): idle, while certifications saturate the device, and as concurrency grows."""
+"""Latency of /v1/predict (n = 100): idle, while certifications saturate the device, and as concurrency grows.
+
+The predictions go out through ``bench.loadgen`` (requests encoded before the clock, raw keep-alive
+connections of their own), not the benchmark's httpx client: that client shares the two cores with the
+service, spends ~2.5 ms of CPU per request, and by this part holds the K = 64 run's pooled connections,
+which it scans for every request (bench/findings.md). The saturating certifications, a few per second,
+still use httpx.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import httpx
 import numpy as np
@@ -12,30 +20,35 @@ from bench.client import (
     Tally,
     fresh_bodies,
     noise_samples_now,
-    post,
     start_clients,
     stop_clients,
     summarize,
     wait_idle,
 )
 from bench.limit import Limit, limit_rate
+from bench.loadgen import Answer, closed_loop, encode_json_post, sequential_each
 
 WARMUP_REQUESTS = 3  # not counted: first connections, first allocations
 KNEE_SHARE = 0.9  # the knee: the fewest clients that reach 90 % of the best throughput of the sweep
 
 
+def predict_requests(url: str, limit: Limit, *, n: int, alpha: float, rng: np.random.Generator) -> Callable[[], bytes]:
+    """A maker of encoded /v1/predict requests, each with a new random image and a client seed (never cached)."""
+    make_body = fresh_bodies(rng, limit.manifest.input_shape, limit.manifest.id, n=n, alpha=alpha)
+    return lambda: encode_json_post(url, "/v1/predict", make_body())
+
+
 async def sequential_predicts(
     client: httpx.AsyncClient, limit: Limit, count: int, *, n: int, alpha: float, rng: np.random.Generator
 ) -> list[float]:
-    """Latencies (s) of ``count`` predicts sent one after another by one client."""
-    manifest = limit.manifest
-    make_body = fresh_bodies(rng, manifest.input_shape, manifest.id, n=n, alpha=alpha)
-    latencies = []
-    for i in range(WARMUP_REQUESTS + count):
-        latency, _ = await post(client, "/v1/predict", make_body())
-        if i >= WARMUP_REQUESTS:
-            latencies.append(latency)
-    return latencies
+    """Latencies (s) of ``count`` predicts sent one after another on one connection (encoded beforehand)."""
+    make_request = predict_requests(str(client.base_url), limit, n=n, alpha=alpha, rng=rng)
+    requests = [make_request() for _ in range(WARMUP_REQUESTS + count)]
+    latencies, answers = await sequential_each(str(client.base_url), requests)
+    failed = sorted({a.status for a in answers if a.status != 200})
+    if failed:
+        raise RuntimeError(f"/v1/predict answered {failed}")
+    return latencies[WARMUP_REQUESTS:]
 
 
 async def saturated_predicts(
@@ -91,8 +104,15 @@ async def predict_sweep_point(
     """``clients`` closed-loop predict clients for ``window_s``: answers/s and latency of the answers in the window."""
     manifest = limit.manifest
     tally = Tally()
-    make_body = fresh_bodies(rng, manifest.input_shape, manifest.id, n=n, alpha=alpha)
-    tasks = start_clients(client, "/v1/predict", make_body, clients, tally)
+    make_request = predict_requests(str(client.base_url), limit, n=n, alpha=alpha, rng=rng)
+
+    def record(answer: Answer, latency: float) -> None:
+        if answer.status == 200:
+            tally.answers.append((time.perf_counter(), latency))
+        else:
+            tally.errors[f"HTTP {answer.status}"] += 1
+
+    tasks = [asyncio.create_task(closed_loop(str(client.base_url), make_request, record)) for _ in range(clients)]
     try:
         await asyncio.sleep(min(1.0, window_s / 4))  # warm-up: every client has sent its first request
         t0 = time.perf_counter()
@@ -158,6 +178,7 @@ async def measure_latency(
     ]
     return {
         "predict_n": n,
+        "predict_client": "bench.loadgen",
         "idle": idle,
         "saturated": saturated,
         "p99_saturated_over_idle": saturated["predict"]["p99_ms"] / idle["p99_ms"],

@@ -19,6 +19,7 @@ import contextlib
 import json
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -185,10 +186,15 @@ async def run_schedule(url: str, schedule: list[Scheduled], *, connections: int 
 
 async def sequential(url: str, request: bytes, count: int) -> tuple[list[float], list[Answer]]:
     """Send ``request`` ``count`` times one after another on one new connection: latencies (s) and answers."""
+    return await sequential_each(url, [request] * count)
+
+
+async def sequential_each(url: str, requests: list[bytes]) -> tuple[list[float], list[Answer]]:
+    """Send ``requests`` one after another, in order, on one new connection: latencies (s) and answers."""
     connection = await Connection.connect(url)
     latencies, answers = [], []
     try:
-        for _ in range(count):
+        for request in requests:
             started = time.perf_counter()
             answer = await connection.exchange(request)
             latencies.append(time.perf_counter() - started)
@@ -199,6 +205,31 @@ async def sequential(url: str, request: bytes, count: int) -> tuple[list[float],
     finally:
         await connection.close()
     return latencies, answers
+
+
+async def closed_loop(
+    url: str, make_request: Callable[[], bytes], on_answer: Callable[[Answer, float], None], busy_backoff_s: float = 0.2
+) -> None:
+    """One client on a connection of its own: send a request, wait for its answer, repeat until cancelled.
+
+    ``on_answer(answer, latency_s)`` sees every answer; after a 503 (queue full) the client waits
+    ``busy_backoff_s`` before the next request. The next request is encoded while no clock runs for this
+    client (between an answer and the next send), as a user's client would.
+    """
+    connection = await Connection.connect(url)
+    try:
+        while True:
+            request = make_request()
+            started = time.perf_counter()
+            answer = await connection.exchange(request)
+            on_answer(answer, time.perf_counter() - started)
+            if answer.status == 503:
+                await asyncio.sleep(busy_backoff_s)
+            if not connection.open:
+                await connection.close()
+                connection = await Connection.connect(url)
+    finally:
+        await connection.close()
 
 
 async def loadgen_cpu_per_request(url: str, request: bytes, count: int, concurrency: int) -> float:

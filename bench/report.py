@@ -118,12 +118,25 @@ def limit_section(r: dict[str, Any]) -> list[str]:
         f"`prepare_for_inference` picked); this second sweep's best was batch "
         f"{best['batch_size']}, {best['memory_format'].replace('_', '-')} ({num(best['samples_per_s'])}).",
     ]
-    if "service_batch_size" in used:
+    plans = r.get("service_plans")
+    if plans:  # what the service's own executors ran, as it left them in its tuning cache
+        runs = "; ".join(
+            f"on {p['device']} with {p['threads']} thread{'s' if p['threads'] != 1 else ''}: batches of "
+            f"{p['batch_size']} samples, and of {p['interactive_batch_size']} for a second after any `/v1/predict`"
+            for p in plans
+        )
+        lines += [
+            "",
+            f"The service's executors tuned their own plans ({runs}); the interactive size is the smallest batch "
+            "within 15 % of the best throughput (`smoothing.tuning.NEAR_BEST`), so that a prediction waits less "
+            "for the batch in flight, and the throughput size is where run-time refinement left it.",
+        ]
+    elif "service_batch_size" in used:
         lines += [
             "",
             f"The service ran batches of {used['service_batch_size']} samples, and of "
             f"{used['service_interactive_batch_size']} for a second after any `/v1/predict` arrived (the smallest "
-            "batch within 5 % of the best, so that a prediction waits less for the batch in flight).",
+            "batch near the best, so that a prediction waits less for the batch in flight).",
         ]
     fold = lim["bn_folding"]
     lines += [
@@ -224,7 +237,14 @@ def latency_section(r: dict[str, Any]) -> list[str]:
     lat = r["latency"]
     idle, sat = lat["idle"], lat["saturated"]
     saturating = f"{sat['certify_clients']} certify clients saturating the device"
-    lines = table(
+    lines = []
+    if lat.get("predict_client") == "bench.loadgen":
+        lines += [
+            "Predictions go out through `bench.loadgen` (encoded before the clock, on connections of their own); the "
+            "saturating certifications through httpx.",
+            "",
+        ]
+    lines += table(
         ["/v1/predict, n = 100", "requests", "p50 ms", "p99 ms"],
         [
             ["idle", str(idle["count"]), num(idle["p50_ms"], 1), num(idle["p99_ms"], 1)],

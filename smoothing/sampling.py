@@ -212,20 +212,36 @@ def count_chunks(model: nn.Module, chunks: list[Chunk], num_classes: int, channe
     """Classify every chunk's noisy samples in one forward pass; return counts (len(chunks), num_classes).
 
     Row i holds how often the base classifier gave each class on chunk i's samples; row sums
-    equal the chunk sizes. Counting is one ``bincount`` on the model's device, no loop per sample.
+    equal the chunk sizes. Counting is one ``scatter_add_`` on the model's device, no loop per sample,
+    and nothing is read back from the device before the counts.
     Raises ValueError if the model emits more than ``num_classes`` logits.
     """
     device = model_device(model)
+    segment = chunk_rows(chunks, device)  # (B,): queued first, so its copy overlaps the noise and forward pass
     batch = noisy_batch(chunks, device, channels_last)
     logits = model(batch)  # (B, classes)
-    # A class index ≥ num_classes would land in the next chunk's row of the flat bincount.
+    # A class index ≥ num_classes would land in the next chunk's row of the flat counts.
     if logits.shape[1] > num_classes:
         raise ValueError(f"model gives {logits.shape[1]} logits but num_classes is {num_classes}")
     predictions = logits.argmax(dim=1)  # (B,)
-    sizes = torch.tensor([c.size for c in chunks], device=device)
-    segment = torch.repeat_interleave(torch.arange(len(chunks), device=device), sizes)  # (B,)
-    flat = torch.bincount(segment * num_classes + predictions, minlength=len(chunks) * num_classes)
-    return flat.view(len(chunks), num_classes).cpu()
+    # scatter_add_, not bincount: bincount reads its input's min and max back to size its output (two syncs).
+    cells = segment * num_classes + predictions
+    flat = torch.zeros(len(chunks) * num_classes, dtype=torch.long, device=device)
+    flat.scatter_add_(0, cells, torch.ones_like(cells))
+    return flat.view(len(chunks), num_classes).cpu()  # the batch's one device-to-host copy
+
+
+def chunk_rows(chunks: list[Chunk], device: torch.device) -> torch.Tensor:
+    """Which chunk each row of the batch belongs to: int64 tensor (Σ sizes,) on ``device``.
+
+    Built on the host and copied without waiting: on a GPU, ``repeat_interleave`` with device-side
+    repeats must read their sum back before it can size its output (a stream synchronization per
+    batch), and a copy from pageable memory waits for the work queued before it.
+    """
+    rows = torch.from_numpy(np.repeat(np.arange(len(chunks), dtype=np.int64), [c.size for c in chunks]))
+    if device.type == "cuda":
+        rows = rows.pin_memory()
+    return rows.to(device, non_blocking=True)
 
 
 def sample_counts(

@@ -40,10 +40,11 @@ SANE_FRACTION = 0.8
 SWEEP_ATTEMPTS = 3
 PRECISION_ROUNDS = 3  # interleaved (float32, reduced) window pairs behind a precision decision
 REVALIDATE_GAIN = 1.1  # a cached plan's batch moves to a neighbouring size measured this much faster
-# A plan's interactive batch is the smallest within this fraction of the best throughput: on CPUs the
-# curve is flat near its top (256 to 1,024 within a few percent), and a batch 4x smaller is a 4x
-# shorter wait for an interactive request that arrives while it runs.
-NEAR_BEST = 0.95
+# A plan's interactive batch is the smallest within this fraction of the best throughput: near its top the
+# curve is flat, and a batch 2-4x smaller is a 2-4x shorter wait for a prediction that arrives while it runs.
+# 0.85, not 0.95: with one-thread executors (CERTSERVE_DEVICES=auto on a CPU) batch 128 runs 13 % below 256,
+# and taking it cut the saturated predict p99 from ~39 to ~30 ms (p50 23 -> 17 ms; bench/findings.md).
+NEAR_BEST = 0.85
 _plans: dict[str, dict[str, object]] = {}
 _cache_lock = threading.Lock()  # executors of one process may record refined plans at once (store_batch_size)
 

@@ -1,7 +1,7 @@
 """An executor: one thread that owns one device's loaded models and runs the scheduler's batches on it.
 
 It asks the scheduler for a batch, copies the inputs to its device, runs noise + forward +
-argmax + bincount (``smoothing.sampling.count_chunks``) and hands the counts back. The event
+argmax + count (``smoothing.sampling.count_chunks``) and hands the counts back. The event
 loop never runs a forward pass. Several executors (service.engine.pool) may feed from one
 scheduler; each batch goes to exactly one of them.
 

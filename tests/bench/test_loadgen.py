@@ -21,7 +21,17 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bench.cache import WARMUP_HITS, repeated_certify
-from bench.loadgen import Connection, Scheduled, encode_json_post, encode_request, run_schedule, sequential
+from bench.loadgen import (
+    Answer,
+    Connection,
+    Scheduled,
+    closed_loop,
+    encode_json_post,
+    encode_request,
+    run_schedule,
+    sequential,
+    sequential_each,
+)
 from bench.server import free_port
 from models.checkpoint import Manifest
 
@@ -174,3 +184,34 @@ def test_cache_repeats_go_out_on_one_connection_of_their_own(server: tuple[str, 
     first, *repeats = in_flight.certify_ports
     assert len(repeats) == WARMUP_HITS + 10 and len(set(repeats)) == 1  # every repeat on one connection
     assert not ({first, *repeats} & before)  # none of them left over from the load before
+
+
+def test_sequential_each_sends_its_requests_in_order_on_one_connection(server: tuple[str, InFlight]) -> None:
+    url, _ = server
+    codes = [201, 202, 203, 200]
+    latencies, answers = asyncio.run(sequential_each(url, [encode_request("GET", url, f"/status/{c}") for c in codes]))
+    assert [a.status for a in answers] == codes and len(latencies) == 4
+    assert len({port_of(a.body) for a in answers}) == 1
+
+
+def test_closed_loop_keeps_one_request_in_flight_and_backs_off_after_503(server: tuple[str, InFlight]) -> None:
+    url, in_flight = server
+    seen: list[tuple[int, int]] = []  # (status, client port)
+
+    def record(answer: Answer, latency: float) -> None:
+        assert latency > 0
+        seen.append((answer.status, port_of(answer.body)))
+
+    async def run(path: str, seconds: float) -> None:
+        task = asyncio.create_task(closed_loop(url, lambda: encode_request("GET", url, path), record, 0.2))
+        await asyncio.sleep(seconds)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    in_flight.most = 0
+    asyncio.run(run("/status/200?wait_s=0.02", 0.5))
+    assert len(seen) >= 5 and {s for s, _ in seen} == {200}
+    assert len({p for _, p in seen}) == 1 and in_flight.most == 1  # one connection, one request at a time
+    seen.clear()
+    asyncio.run(run("/status/503", 0.5))
+    assert 1 <= len(seen) <= 4  # each 503 waits 0.2 s: no hot loop against a full queue

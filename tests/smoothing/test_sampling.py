@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from smoothing.sampling import (
     NOISE_BLOCK,
     SELECTION_STAGE,
     Chunk,
+    chunk_rows,
     count_chunks,
     derive_seed,
     model_device,
@@ -308,3 +311,44 @@ def test_new_seed_is_fresh_63_bit_value() -> None:
     seeds = [new_seed() for _ in range(20)]
     assert all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds)
     assert len(set(seeds)) == len(seeds)
+
+
+def aten_ops(fn: Callable[[], object]) -> Counter[str]:
+    """How often each aten operator ran during ``fn()`` (torch.profiler on the CPU; nested calls counted too).
+
+    On a GPU every computing operator is at least one kernel launch, so these counts are what a batch
+    costs in launches, and an operator that reads a device value back (``item``, ``nonzero``) is a sync."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return Counter(event.name for event in profile.events())
+
+
+def test_noise_costs_one_draw_per_block_and_one_add_per_chunk(grey: torch.Tensor) -> None:
+    key = stream_key(5, grey)
+    whole = [
+        Chunk(x=grey, sigma=0.5, key=key, stage=ESTIMATION_STAGE, start=i * 256, stop=(i + 1) * 256) for i in range(4)
+    ]
+    ops = aten_ops(lambda: noisy_batch(whole, CPU))
+    assert ops["aten::normal_"] == 4 * 256 // NOISE_BLOCK  # 1,024 samples: 8 draws, whatever the batch size
+    assert ops["aten::add"] == 4 and ops["aten::copy_"] == 0  # whole blocks are drawn in place
+    partial = [Chunk(x=grey, sigma=0.5, key=key, stage=ESTIMATION_STAGE, start=10, stop=10 + NOISE_BLOCK)]
+    ops = aten_ops(lambda: noisy_batch(partial, CPU))
+    assert ops["aten::normal_"] == 2 and ops["aten::copy_"] == 2  # straddles two blocks: each drawn, its piece copied
+
+
+def test_count_chunks_reads_nothing_back_but_the_counts(model: BucketClassifier, grey: torch.Tensor) -> None:
+    chunks = [
+        Chunk(x=grey, sigma=0.5, key=stream_key(s, grey), stage=ESTIMATION_STAGE, start=0, stop=NOISE_BLOCK)
+        for s in range(3)
+    ]
+    ops = aten_ops(lambda: count_chunks(model, chunks, NUM_CLASSES))
+    # Each would wait for the device on a GPU: a scalar read back, or an output sized by device values.
+    syncing = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::masked_select"}
+    assert not syncing & set(ops), ops
+    assert ops["aten::scatter_add_"] == 1 and ops["aten::normal_"] == 3
+
+
+def test_chunk_rows_name_each_rows_chunk() -> None:
+    x = torch.zeros(SHAPE)
+    chunks = [Chunk(x=x, sigma=0.5, key=1, stage=0, start=a, stop=b) for a, b in [(0, 3), (7, 7), (0, 2)]]
+    assert chunk_rows(chunks, CPU).tolist() == [0, 0, 0, 2, 2]

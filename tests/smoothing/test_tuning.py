@@ -81,8 +81,9 @@ def test_auto_precision_is_float32_or_a_measured_faster_one() -> None:
 
 
 def test_pick_batch_takes_the_smallest_batch_near_the_best() -> None:
-    rates = {64: 50_000.0, 256: 78_000.0, 1024: 80_000.0, 512: 79_000.0}
-    assert pick_batch(rates) == 256  # 78,000 >= 0.95 * 80,000
+    rates = {64: 50_000.0, 128: 70_000.0, 256: 78_000.0, 1024: 80_000.0, 512: 79_000.0}
+    assert pick_batch(rates) == 128  # 70,000 >= 0.85 * 80,000 > 50,000
+    assert pick_batch(rates, near_best=0.95) == 256  # 78,000 >= 76,000 > 70,000
     assert pick_batch(rates, near_best=0.985) == 512  # 79,000 >= 78,800 > 78,000
     assert pick_batch(rates, near_best=1.0) == 1024
 

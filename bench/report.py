@@ -17,6 +17,7 @@ SAMPLE_EFFICIENCY = STUDIES / "report.md"  # python -m training.studies.sample_e
 BOUND_STUDY = STUDIES / "bounds.md"  # python -m training.studies.bound_sim
 POOL = Path(__file__).resolve().parent / "results"
 NOISE_SECTION = Path(__file__).resolve().parent / "results" / "noise_ab.md"  # python -m bench.noise_ab
+LAUNCH_SECTION = Path(__file__).resolve().parent / "results" / "launches.md"  # python -m bench.launches
 # python -m training.studies.n0_sim: the radius decision's defaults (issue 16)
 N0_STUDY = STUDIES / "n0-decision.md"
 POOL_SECTIONS = (  # issue 17: python -m bench.executors, python -m bench.workers, and the paper estimate
@@ -402,7 +403,7 @@ def render(runs: list[dict[str, Any]]) -> str:
             ]
         for title, section in SECTIONS:
             lines += ["", f"### {title}", "", *section(r)]
-    for section in (NOISE_SECTION, *POOL_SECTIONS):
+    for section in (NOISE_SECTION, LAUNCH_SECTION, *POOL_SECTIONS):
         if section.exists():
             lines += ["", section.read_text().strip()]
     if FINDINGS.exists():

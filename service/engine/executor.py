@@ -144,8 +144,12 @@ class Executor:
         refiner = self.refiners.get(batch.model_id) if asked is not None and asked[0] == batch.model_id else None
         started = time.perf_counter()
         try:
-            # Inputs live on the host (pinned when a GPU is in use): copy them without waiting.
-            chunks = [replace(c, x=c.x.to(model.device, non_blocking=True)) for c in batch.chunks]
+            # Inputs live on the host (pinned when a GPU is in use): copy each once, without waiting.
+            inputs: dict[int, torch.Tensor] = {}
+            for c in batch.chunks:
+                if id(c.x) not in inputs:
+                    inputs[id(c.x)] = c.x.to(model.device, non_blocking=True)
+            chunks = [replace(c, x=inputs[id(c.x)]) for c in batch.chunks]
             counts = count_chunks(model.plan.model, chunks, model.manifest.num_classes, model.plan.channels_last)
         except Exception as e:  # a failing forward pass never kills the thread by itself
             if refiner is not None and not asked[2] and asked[1] != refiner.batch_size:

@@ -32,7 +32,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 import torch
@@ -315,8 +315,13 @@ class Scheduler:
                     if room == 0:
                         break
                     first, stop = item.take(min(self.chunk_size, room))
-                    chunks.append(Chunk(item.x, item.sigma, item.key, item.stage, first, stop))
-                    items.append(item)
+                    if items and items[-1] is item and chunks[-1].stop == first:
+                        # The item's next range right after its last one (it is alone in its turn): one chunk,
+                        # so that the batch costs one x + σ·ε and one input copy for it, not one per 128 samples.
+                        chunks[-1] = replace(chunks[-1], stop=stop)
+                    else:
+                        chunks.append(Chunk(item.x, item.sigma, item.key, item.stage, first, stop))
+                        items.append(item)
                     item.first_dispatch = item.first_dispatch or time.monotonic()
                     room -= stop - first
                     queue.remove(item)

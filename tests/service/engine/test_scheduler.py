@@ -61,6 +61,23 @@ def test_certify_led_batches_fill_up_round_robin_across_items() -> None:
     assert [batch.items.count(i) for i in items] == [2, 2, 2]  # one chunk each per turn
 
 
+def test_an_item_alone_in_its_turn_gets_one_chunk_per_batch() -> None:
+    scheduler = Scheduler(max_pending_samples=10**6, chunk_size=128)
+    alone = item(10_000, Priority.CERTIFY, seed=1)
+    scheduler.submit(alone)
+    batch = batch_of(scheduler, 1024)
+    assert [(c.start, c.stop) for c in batch.chunks] == [(0, 1024)] and batch.items == [alone]
+    other = item(10_000, Priority.CERTIFY, seed=2)
+    scheduler.submit(other)
+    batch = batch_of(scheduler, 512)  # two items alternate: neighbours in the batch are never merged across items
+    assert [(i.key, c.start, c.stop) for i, c in zip(batch.items, batch.chunks, strict=True)] == [
+        (1, 1024, 1152),
+        (2, 0, 128),
+        (1, 1152, 1280),
+        (2, 128, 256),
+    ]
+
+
 def test_completing_a_batch_resolves_finished_items_with_their_counts() -> None:
     scheduler = Scheduler(max_pending_samples=10**6)
     predict = item(100, Priority.PREDICT)

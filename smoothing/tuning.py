@@ -155,6 +155,16 @@ def pick_batch(rates: dict[int, float], near_best: float = NEAR_BEST) -> int:
     return min(batch for batch, rate in rates.items() if rate >= near_best * best)
 
 
+def interactive_size(settings: dict[str, object]) -> int:
+    """A stored plan's interactive batch, at most its batch size: ``pick_batch`` of its sweep table when it has one
+    (so that a cached plan follows NEAR_BEST as it is now), else the size stored with it."""
+    batch = int(settings["batch_size"])
+    sweep = settings.get("sweep")
+    if isinstance(sweep, dict) and sweep:
+        return min(pick_batch({int(b): float(r) for b, r in sweep.items()}), batch)
+    return min(int(settings.get("interactive_batch_size", batch)), batch)
+
+
 def _plan_key(cache_key: str, device: torch.device, precision: str) -> str:
     return f"{cache_key}|{device}|threads={torch.get_num_threads()}|torch={torch.__version__}|precision={precision}"
 
@@ -255,7 +265,7 @@ def revalidate(
     return {
         **settings,
         "batch_size": batch,
-        "interactive_batch_size": min(int(settings.get("interactive_batch_size", batch)), batch),
+        "interactive_batch_size": interactive_size({**settings, "batch_size": batch}),
         "samples_per_second": rates[batch],
     }
 
@@ -312,7 +322,7 @@ def prepare_for_inference(
         channels_last=channels_last,
         samples_per_second=float(settings["samples_per_second"]),
         precision=precision,
-        interactive_batch_size=int(settings.get("interactive_batch_size", 0)),
+        interactive_batch_size=interactive_size(settings),
         plan_key=key or "",
         pinned=_pinned(settings, candidates),
     )
@@ -347,11 +357,10 @@ def store_batch_size(plan: InferencePlan, batch_size: int, samples_per_second: f
             settings = json.loads(cache_file.read_text()).get(plan.plan_key)
     if settings is None:
         return
-    interactive = min(int(settings.get("interactive_batch_size", batch_size)), batch_size)
     settings = {
         **settings,
         "batch_size": batch_size,
-        "interactive_batch_size": interactive,
+        "interactive_batch_size": interactive_size({**settings, "batch_size": batch_size}),
         "samples_per_second": samples_per_second,
     }
     _plans[plan.plan_key] = settings

@@ -169,3 +169,22 @@ def test_a_batch_size_refined_at_run_time_is_where_the_next_start_begins(tmp_pat
     assert (again.batch_size, again.interactive_batch_size, again.samples_per_second) == (32, 32, 1234.0)
     tuning.store_batch_size(replace(again, plan_key=""), 16, 1.0, cache)  # an uncached plan: nothing is stored
     assert json.loads(cache.read_text())[key]["batch_size"] == 32
+
+
+def test_a_cached_plan_takes_its_interactive_batch_from_its_sweep_as_near_best_is_now(tmp_path) -> None:
+    from smoothing import tuning
+
+    cache = tmp_path / "tuning.json"
+    key = f"old|cpu|threads={torch.get_num_threads()}|torch={torch.__version__}|precision=float32"
+    sweep = {"64": 10_000.0, "128": 17_600.0, "256": 20_000.0, "512": 19_500.0}
+    # Written when the interactive batch was the smallest within 5 % of the best (256); pinned, so not re-measured.
+    old = {"batch_size": 256, "interactive_batch_size": 256, "channels_last": False, "samples_per_second": 20_000.0}
+    cache.write_text(json.dumps({key: old | {"precision": "float32", "sweep": sweep}}))
+    tuning._plans.pop(key, None)
+    host = FakeHost()
+    plan = prepare_for_inference(
+        CostModel(host), (1, 4, 4), "cpu", cache_key="old", cache_file=cache, candidates=(256,), clock=host.clock
+    )
+    assert plan.batch_size == 256 and plan.interactive_batch_size == 128  # 17,600 >= 0.85 * 20,000
+    assert tuning.interactive_size({"batch_size": 64, "sweep": sweep}) == 64  # never above the batch size
+    assert tuning.interactive_size({"batch_size": 512, "interactive_batch_size": 32}) == 32  # no sweep: as stored

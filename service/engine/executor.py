@@ -7,7 +7,8 @@ scheduler; each batch goes to exactly one of them.
 
 Batch size: the executor asks for each model's throughput batch size, refined while it serves from
 its own timings of full batches (``service.engine.refine``, one refiner per model; off: the plan's),
-or the plan's interactive size, at most the throughput one, while predictions are recent. A try at
+or the plan's interactive size, at most the throughput one, while predictions are recent and the
+pool asks this executor to shorten (``shortens``: one executor of a pool does). A try at
 a neighbouring size that raises (say, out of device memory) goes back to the queue, and that size
 is not tried again.
 
@@ -62,12 +63,14 @@ class Executor:
         on_failure: Callable[[Batch, BaseException], None] | None = None,
         threads: int = 0,
         peers_alive: Callable[[Executor], bool] = lambda _: False,
+        shortens: Callable[[Executor], bool] = lambda _: True,
         refiner: Callable[[LoadedModel], BatchRefiner] | None = None,
         on_refine: Callable[[str, int, float], None] | None = None,
     ) -> None:
         """``refiner``: makes each model's BatchRefiner (None = the plans' batch sizes, fixed; a pinned plan's
         always is). ``on_refine``: called on the executor's thread with (model id, new batch size, samples/s)
-        when refinement moves one."""
+        when refinement moves one. ``shortens``: whether this executor takes the interactive batch size while
+        predictions are recent (the pool asks one executor of several to, see service.engine.pool)."""
         self.scheduler = scheduler
         self.models = models
         self.name = name
@@ -76,6 +79,7 @@ class Executor:
         self.on_failure = on_failure  # metrics hook: (batch, error) of a forward pass that raised
         self.threads = threads or torch.get_num_threads()  # intra-op threads of the forward passes
         self.peers_alive = peers_alive  # whether another executor of the pool can take over its work
+        self.shortens = shortens
         # A plan pinned to one batch size (smoothing.tuning) is not refined, as it is not re-validated at start.
         refined = {} if refiner is None else {m: loaded for m, loaded in models.items() if not loaded.plan.pinned}
         self.refiners = {model_id: refiner(loaded) for model_id, loaded in refined.items()}
@@ -107,6 +111,7 @@ class Executor:
         return refiner.batch_size if refiner is not None else self.models[model_id].batch_size
 
     def _batch_size_for(self, model_id: str, interactive: bool) -> int:
+        interactive = interactive and self.shortens(self)
         refiner = self.refiners.get(model_id)
         if refiner is None:
             size = self.models[model_id].batch_size_for(interactive)

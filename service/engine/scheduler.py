@@ -15,9 +15,10 @@ batch as under strict priority, while a flood of predictions still leaves certif
 at least their share of the samples (DEFAULT_SHARES, settable). A class that was idle comes back
 level with the busy ones, without saved-up credit; a debt it ran up stays. A batch led by PREDICT
 work holds PREDICT work only: a prediction waits for at most the batch in flight, then runs in a
-batch of its own size instead of a full one. And for ``INTERACTIVE_WINDOW_S`` after PREDICT work arrives, every batch
-is the model's interactive size (the smallest near its best throughput, smoothing.tuning) rather
-than its fastest, so that the batch in flight is short too (bench/findings.md).
+batch of its own size instead of a full one. And for ``INTERACTIVE_WINDOW_S`` after PREDICT work arrives, the executors
+are told so (``batch_size_for``'s second argument): one of them then takes the model's interactive size
+(the smallest near its best throughput, smoothing.tuning) rather than its fastest, so that some batch
+in flight is always short (service.engine.pool, bench/findings.md).
 
 Threads: the event loop calls ``submit`` and cancels futures; each executor thread of the pool
 (service.engine.pool) calls ``next_batch`` and ``complete``, or ``requeue`` when its device failed

@@ -152,3 +152,17 @@ def test_readiness_lists_the_devices_and_stays_ready_without_the_failed_one(
         devices = {d["name"]: d for d in ready.json()["devices"]}
         assert devices["cpu#0"]["alive"] and devices["cpu#0"]["error"] is None
         assert not devices["cpu#1"]["alive"] and "3 forward passes in a row failed" in devices["cpu#1"]["error"]
+
+
+def test_one_executor_shortens_its_batches_for_predictions_and_another_takes_over_when_it_dies(two_cpus) -> None:
+    settings, slots, models = two_cpus
+    engine, pool = start_engine(settings, slots, models)
+    first, second = pool.executors
+    try:
+        assert first.shortens(first) and not second.shortens(second)
+        plan = first.models[TINY_ID].plan
+        assert first._batch_size_for(TINY_ID, True) == min(plan.interactive_batch_size, first.batch_size(TINY_ID))
+        first.stop()
+        assert not first.alive and second.shortens(second)  # the pool still has a short-batch executor
+    finally:
+        pool.stop()

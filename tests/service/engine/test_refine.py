@@ -175,7 +175,7 @@ def loaded_with_cached_plan(registry: Path, cache: Path, key: str, batch_size: i
     _, manifest = load_model(registry, TINY_ID)
     plan_key = _plan_key(key, torch.device("cpu"), "float32")
     forged = {"batch_size": batch_size, "interactive_batch_size": 64, "channels_last": False}
-    # A sweep of several sizes: a plan to refine, not a pinned one; 64 is its interactive size (within 15 % of the best).
+    # A sweep of several sizes: a plan to refine, not a pinned one; 64 is its interactive size (within 15 % of best).
     sweep = {str(batch_size): 1_000.0, "64": 900.0, "16": 100.0}
     forged |= {"samples_per_second": 1_000.0, "precision": "float32", "sweep": sweep}
     cache.write_text(json.dumps({plan_key: forged}))

@@ -24,7 +24,7 @@ from bench.baseline import compare_with_paper_loop
 from bench.cache import flush_redis, redis_reachable, repeated_certify
 from bench.client import image_body, new_client
 from bench.compute_thread import on_compute_thread, start_compute_thread
-from bench.config import FULL, QUICK, BenchConfig
+from bench.config import BRIEF, FULL, QUICK, BenchConfig
 from bench.headlines import headlines
 from bench.inputs import random_pixels, test_set_images
 from bench.latency import measure_latency
@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds per part (smoke test)")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="tiny sizes, seconds per part (smoke test)")
+    sizes.add_argument("--brief", action="store_true", help="full sizes, short windows (a lent GPU's few minutes)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model id in the registry (default: %(default)s)")
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_ROOT, help="registry folder (default: checkpoints/)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default: %(default)s)")
@@ -215,6 +217,7 @@ def run(args: argparse.Namespace, config: BenchConfig, device: torch.device, wor
     results: dict[str, Any] = {
         "schema": 2,  # 2: the mixed load against the paper server; cache p99s as headlines
         "quick": config.quick,
+        "brief": config is BRIEF,  # full sizes in short windows (bench.config.BRIEF)
         "machine": {**describe_machine(device), "torch_threads": on_compute_thread(torch.get_num_threads)},
         "model": {
             "id": manifest.id,
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the progress
-    config = QUICK if args.quick else FULL
+    config = QUICK if args.quick else BRIEF if args.brief else FULL
     device = pick_device(args.device)
     out = args.out or REPO_ROOT / "bench" / "results" / f"{device_slug(device)}.json"
     started = time.perf_counter()

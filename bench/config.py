@@ -1,8 +1,9 @@
-"""The sizes of one benchmark run: the full run (minutes) and the quick smoke-test run (seconds)."""
+"""The sizes of one benchmark run: the full run (minutes), the brief one (full sizes, short windows: a lent GPU's
+few minutes) and the quick smoke-test run (seconds)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,25 @@ FULL = BenchConfig(
     cache_hits=300,
     cache_n=10_000,
     server_start_timeout_s=180.0,
+)
+
+# Every part at full request sizes, in windows short enough that two models fit a lent GPU's ten-minute
+# command (bench/gpu/run.sh); its memory window is too short to judge growth.
+BRIEF = replace(
+    FULL,
+    library_rounds=3,
+    library_seconds=2.0,
+    service_warmup_s=2.0,
+    service_window_s=6.0,
+    memory_s=12.0,
+    memory_interval_s=2.0,
+    idle_predicts=100,
+    saturated_predicts=100,
+    sweep_concurrency=(1, 4, 16, 64),
+    sweep_window_s=3.0,
+    mixed_rounds=1,
+    client_cost_rounds=1,
+    client_cost_requests=500,
 )
 
 QUICK = BenchConfig(

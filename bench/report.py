@@ -41,6 +41,12 @@ def verdict(met: bool | None) -> str:
     return {True: "met", False: "**missed**", None: ""}[met]
 
 
+def run_kind(r: dict[str, Any]) -> str:
+    if r["quick"]:
+        return "quick (smoke test: sizes too small to mean anything)"
+    return "brief (full sizes, short windows)" if r.get("brief") else "full"
+
+
 def machine_section(r: dict[str, Any]) -> list[str]:
     m, model, s = r["machine"], r["model"], r["settings"]
     rows = [
@@ -71,8 +77,7 @@ def machine_section(r: dict[str, Any]) -> list[str]:
         ],
         [
             "run",
-            f"{'quick (smoke test: sizes too small to mean anything)' if r['quick'] else 'full'}, "
-            f"{num(r.get('total_seconds'))} s",
+            f"{run_kind(r)}, {num(r.get('total_seconds'))} s",
         ],
     ]
     return table(["", ""], rows)

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     result = {
         "model": args.model,
-        "command": "python -m bench.launches " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m bench.launches", *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{cpuinfo_field('model name', Path('/proc/cpuinfo').read_text())}, {os.cpu_count()} cores",
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,

@@ -38,6 +38,7 @@ from bench.service_load import measure_service
 from models.registry import DEFAULT_ROOT, find_checkpoint, read_registry_manifest
 from service.engine.models import pick_device
 from smoothing.runtime import keep_freed_memory
+from smoothing.tuning import parse_plan_key
 
 DEFAULT_MODEL = "fmnist-resnet-sigma0.25"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"  # a database of its own: flushed before and after
@@ -198,18 +199,17 @@ def service_plans(tuning_cache: Path, model_sha256: str, precision: str) -> list
         return []
     plans = []
     for key, plan in json.loads(tuning_cache.read_text()).items():
-        parts = key.split("|")
-        if parts[0] == model_sha256 and parts[-1] == f"precision={precision}":
-            threads = next((int(p.removeprefix("threads=")) for p in parts if p.startswith("threads=")), None)
+        fields = parse_plan_key(key)
+        if fields["cache_key"] == model_sha256 and fields.get("precision") == precision:
             plans.append(
                 {
-                    "device": parts[1],
-                    "threads": threads,
+                    "device": fields["device"],
+                    "threads": int(fields["threads"]),
                     "batch_size": plan["batch_size"],
                     "interactive_batch_size": plan.get("interactive_batch_size", plan["batch_size"]),
                 }
             )
-    return sorted(plans, key=lambda p: (p["device"], p["threads"] or 0))
+    return sorted(plans, key=lambda p: (p["device"], p["threads"]))
 
 
 def run(args: argparse.Namespace, config: BenchConfig, device: torch.device, workdir: Path) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def check(model_dir: Path, model_id: str, device: torch.device, n: int, repeats:
     if device.type == "cuda":
         result["syncs_per_batch"] = {
             f"{chunks} chunks": syncs_per_batch(
-                plan.model, manifest.input_shape, manifest.sigma, chunks, plan.batch_size
+                plan.model, manifest.input_shape, manifest.sigma, manifest.num_classes, chunks, plan.batch_size
             )
             for chunks in (1, max(1, plan.batch_size // NOISE_BLOCK))
         }

@@ -26,7 +26,7 @@ import torch
 
 from bench.machine import cpuinfo_field
 from models.registry import DEFAULT_ROOT, load_model
-from smoothing.sampling import ESTIMATION_STAGE, NOISE_BLOCK, Chunk, chunk_rows, noisy_batch, stream_key
+from smoothing.sampling import ESTIMATION_STAGE, NOISE_BLOCK, Chunk, count_chunks, noisy_batch, stream_key
 from smoothing.tuning import prepare_for_inference
 
 # Operators that only describe or allocate memory: no kernel runs for them.
@@ -71,14 +71,9 @@ def measure(model: torch.nn.Module, shape: tuple[int, ...], sigma: float, channe
             noise, noise_ops = launches(lambda chunks=chunks: noisy_batch(chunks, device, channels_last))
             batch = noisy_batch(chunks, device, channels_last)
             forward, _ = launches(lambda batch=batch: model(batch))
-            logits = model(batch)
-
-            def count(chunks: list[Chunk] = chunks, logits: torch.Tensor = logits) -> torch.Tensor:
-                cells = chunk_rows(chunks, device) * logits.shape[1] + logits.argmax(dim=1)
-                flat = torch.zeros(len(chunks) * logits.shape[1], dtype=torch.long, device=device)
-                return flat.scatter_add_(0, cells, torch.ones_like(cells)).cpu()
-
-            counting, _ = launches(count)
+            classes = model(batch[:1]).shape[1]
+            whole, _ = launches(lambda c=chunks, k=classes: count_chunks(model, c, k, channels_last))
+            counting = whole - noise - forward  # what count_chunks adds around the noise and the forward pass
             inputs = requests  # the executor copies each distinct input to the device once per batch
             total = noise + forward + counting + inputs
             rows.append(

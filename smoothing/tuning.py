@@ -165,6 +165,13 @@ def interactive_size(settings: dict[str, object]) -> int:
     return min(int(settings.get("interactive_batch_size", batch)), batch)
 
 
+def parse_plan_key(key: str) -> dict[str, str]:
+    """The fields of a plan's key in the tuning cache (written by ``_plan_key``): cache_key, device, threads,
+    torch, precision."""
+    cache_key, device, *rest = key.split("|")
+    return {"cache_key": cache_key, "device": device, **dict(part.split("=", 1) for part in rest)}
+
+
 def _plan_key(cache_key: str, device: torch.device, precision: str) -> str:
     return f"{cache_key}|{device}|threads={torch.get_num_threads()}|torch={torch.__version__}|precision={precision}"
 

@@ -188,3 +188,16 @@ def test_a_cached_plan_takes_its_interactive_batch_from_its_sweep_as_near_best_i
     assert plan.batch_size == 256 and plan.interactive_batch_size == 128  # 17,600 >= 0.85 * 20,000
     assert tuning.interactive_size({"batch_size": 64, "sweep": sweep}) == 64  # never above the batch size
     assert tuning.interactive_size({"batch_size": 512, "interactive_batch_size": 32}) == 32  # no sweep: as stored
+
+
+def test_a_plan_key_parses_back_into_its_fields() -> None:
+    from smoothing.tuning import _plan_key, parse_plan_key
+
+    fields = parse_plan_key(_plan_key("abc", torch.device("cpu"), "bfloat16"))
+    assert fields == {
+        "cache_key": "abc",
+        "device": "cpu",
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "precision": "bfloat16",
+    }
